@@ -1,0 +1,50 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Both create .venv when it is missing and are safe to run again.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+DEMO_DATA := data/stdlib
+DEMO_RUN  := runs/demo
+
+.PHONY: demo test install install-dev lint bench clean
+
+demo: $(VENV)/.installed
+	@test -f $(DEMO_DATA)/manifest.json || $(BIN)/stratus prepare --out $(DEMO_DATA) --vocab-size 4096
+	$(BIN)/stratus train configs/demo.toml
+	$(BIN)/stratus generate $(DEMO_RUN) --prompt 'def ' --max-new-tokens 160 --temperature 0.8 --top-k 40 --seed 0
+	@echo
+	@echo "The run lives in $(DEMO_RUN)/ (config.toml, metrics.jsonl, events/, checkpoints/, train.log)."
+	@echo "Next, try:"
+	@echo "  $(BIN)/stratus generate $(DEMO_RUN) --prompt 'class ' --temperature 0.7   # more samples"
+	@echo "  $(BIN)/stratus eval $(DEMO_RUN)                                          # validation loss, perplexity"
+	@echo "  $(BIN)/stratus train configs/demo.toml --train.steps=600                 # resume and train longer"
+	@echo "  $(BIN)/tensorboard --logdir $(DEMO_RUN)/events                          # loss curves"
+	@echo "  $(BIN)/stratus export $(DEMO_RUN) --out exports/demo                     # safetensors for inference"
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/train_cpu.py
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml constraints.txt
+	$(PIP) -e .
+	@touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e '.[dev]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,3 @@
+from stratus.cli import main
+
+raise SystemExit(main())

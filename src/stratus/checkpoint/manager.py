@@ -1,0 +1,178 @@
+"""Atomic, verified checkpoints in DCP format, with retention.
+
+Layout: RUN/checkpoints/step-00001000/ holds the DCP shards (.distcp + .metadata), per-rank
+RNG states (rng/rank-00000.pt), trainer.json (step, data position, scheduler) and
+manifest.json. A save writes everything under .tmp-step-…, writes the manifest last, renames
+the directory into place, then updates `latest`. A load takes the newest checkpoint that
+matches its manifest; damaged ones are reported and skipped. Retention keeps the newest
+`keep`, every `keep_every`-th, and never the newest verified one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from stratus.checkpoint import manifest as mf
+from stratus.checkpoint.rng import get_rng_state, set_rng_state
+from stratus.data.manifest import write_json_atomic
+from stratus.distributed.env import DistEnv, barrier, broadcast_object
+from stratus.errors import StratusError
+
+log = logging.getLogger("stratus.checkpoint")
+STEP_DIR = re.compile(r"^step-(\d{8,})$")
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every step-… directory, newest first (not verified)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def newest_verified(root: Path, checksums: bool = True) -> tuple[int, Path] | None:
+    """The newest checkpoint that matches its manifest; warns about each damaged one skipped."""
+    for step, path in list_checkpoints(root):
+        problem = mf.verify(path, checksums)
+        if problem is None:
+            return step, path
+        log.warning("checkpoint %s is unusable (%s); trying the previous one", path, problem)
+    return None
+
+
+def _no_dist(env: DistEnv) -> bool:
+    return not env.distributed
+
+
+@contextlib.contextmanager
+def _one_process_ok():
+    """DCP warns on every single-process save/load even when asked for one; that is our
+    intended mode with a world of one, so the warning is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+@dataclass
+class Loaded:
+    step: int
+    path: Path
+    trainer: dict[str, Any]
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, env: DistEnv, keep: int = 3, keep_every: int = 0):
+        self.root, self.env, self.keep, self.keep_every = Path(root), env, keep, keep_every
+
+    # --- save ----------------------------------------------------------------------------
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+             trainer: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Collective: every rank calls it. Returns the final checkpoint directory."""
+        env = self.env
+        final = self.root / step_name(step)
+        tmp = self.root / f".tmp-{step_name(step)}"
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        barrier(env)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with _one_process_ok():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=_no_dist(env))
+        torch.save(get_rng_state(), tmp / "rng" / f"rank-{env.rank:05d}.pt")
+        barrier(env)
+        if env.is_main:
+            write_json_atomic(tmp / "trainer.json", trainer)
+            mf.write_manifest(tmp, {"step": step, "world_size": env.world_size, **meta})
+            if final.exists():  # saving the same step again (a resumed run): replace it
+                trash = self.root / f".trash-{step_name(step)}"
+                os.replace(final, trash)
+                shutil.rmtree(trash)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            (self.root / ".latest.tmp").write_text(f"{step}\n")
+            os.replace(self.root / ".latest.tmp", self.root / "latest")
+            self._retain(newest=step)
+        barrier(env)
+        return final
+
+    def _retain(self, newest: int) -> None:
+        keep_steps = {s for s, _ in list_checkpoints(self.root)[: self.keep]} | {newest}
+        for step, path in list_checkpoints(self.root):
+            if step in keep_steps or step > newest:
+                continue
+            if self.keep_every and step % self.keep_every == 0:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("retention: removed %s", path.name)
+
+    # --- load ----------------------------------------------------------------------------
+
+    def find(self) -> tuple[int, Path] | None:
+        """Rank 0 picks the newest verified checkpoint; every rank gets its answer."""
+        found = newest_verified(self.root) if self.env.is_main else None
+        return broadcast_object(self.env, found)
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Loaded:
+        """Restore model, optimizer and this rank's RNG from a verified checkpoint."""
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        with _one_process_ok():
+            dcp.load(state, checkpoint_id=path, no_dist=_no_dist(self.env))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rng = path / "rng" / f"rank-{self.env.rank:05d}.pt"
+        if rng.exists():
+            set_rng_state(torch.load(rng, weights_only=False))
+        else:
+            log.warning("%s has no RNG state for rank %d (saved with another world size)", path, self.env.rank)
+        trainer = json.loads((path / "trainer.json").read_text())
+        return Loaded(step=int(trainer["step"]), path=path, trainer=trainer)
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """Load only the model's weights from a checkpoint (inference, export), in one process."""
+    state = {"model": get_model_state_dict(model)}
+    with _one_process_ok():
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    model.load_state_dict(state["model"])
+
+
+def check_same_model(manifest_model: dict[str, Any], config_model: dict[str, Any], path: Path) -> None:
+    """Refuse to resume when the config changes the model's shape, naming the keys."""
+    diffs = [f"model.{k} (checkpoint {manifest_model.get(k)!r}, config {v!r})"
+             for k, v in config_model.items() if manifest_model.get(k) != v]
+    if diffs:
+        raise StratusError(
+            f"cannot resume from {path}: the config changes the model's shape: {'; '.join(diffs)}. "
+            "Use the checkpoint's values, or a new run.dir"
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,276 @@
+"""One typed config tree: a TOML file plus dotted CLI overrides, validated once at the edge.
+
+Every field carries a one-line description with its unit; `stratus config show` prints them.
+A mistake (unknown key, wrong type, out-of-range or inconsistent values) raises StratusError
+with one line that names the key, which the CLI turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stratus.errors import StratusError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ModelConfig(Section):
+    """The transformer's shape; changing any of these makes old checkpoints unloadable."""
+
+    vocab_size: int = Field(0, ge=0, description="vocabulary size in tokens; 0 = the prepared tokenizer's, rounded up to a multiple of 64")
+    n_layers: int = Field(6, ge=1, description="number of transformer blocks")
+    d_model: int = Field(384, ge=8, description="hidden width (channels per token)")
+    n_heads: int = Field(6, ge=1, description="attention (query) heads; must divide d_model")
+    n_kv_heads: int | None = Field(None, ge=1, description="key/value heads for grouped-query attention; none = n_heads")
+    ffn_hidden: int | None = Field(None, ge=1, description="SwiGLU hidden width; none = int(8/3 d_model) rounded up to ffn_multiple_of (as Llama)")
+    ffn_multiple_of: int = Field(256, ge=1, description="rounding multiple for the default SwiGLU width (channels)")
+    max_seq_len: int = Field(1024, ge=1, description="longest sequence the RoPE table covers (tokens)")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency")
+    norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon")
+    tie_embeddings: bool = Field(False, description="share the token embedding with the output projection")
+    init_std: float = Field(0.02, gt=0, description="std of the normal init; output projections are scaled by 1/sqrt(2 n_layers)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.n_heads ({self.n_heads}) must divide model.d_model ({self.d_model})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"model.d_model / model.n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"model.n_kv_heads ({self.kv_heads}) must divide model.n_heads ({self.n_heads})")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_width(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        m = self.ffn_multiple_of
+        return m * -(-(8 * self.d_model // 3) // m)
+
+
+class DataConfig(Section):
+    path: str = Field("data/stdlib", description="prepared data directory (from `stratus prepare`), holding manifest.json")
+    seq_len: int = Field(256, ge=1, description="tokens per training sequence; at most model.max_seq_len")
+    verify: bool = Field(True, description="check every shard's sha256 against the manifest before training")
+
+
+class TrainConfig(Section):
+    steps: int = Field(1000, ge=0, description="optimizer steps to train in total (a resumed run continues to this)")
+    stop_at: int = Field(0, ge=0, description="end this invocation at this step (with a checkpoint) without changing the schedule; 0 = train.steps")
+    seed: int = Field(1337, ge=0, description="seed for init and data order")
+    deterministic: bool = Field(False, description="deterministic kernels, so a resumed run matches an uninterrupted one bit for bit")
+    micro_batch: int = Field(8, ge=1, description="sequences per forward/backward pass on each rank")
+    global_batch: int = Field(0, ge=0, description="sequences per optimizer step over all ranks; 0 = micro_batch x ranks (no accumulation)")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate")
+    min_lr: float = Field(3e-5, ge=0, description="learning rate at the end of the cosine decay")
+    warmup_steps: int = Field(100, ge=0, description="steps of linear warmup from 0 to lr")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (matrices only, not norms)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 = off")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="compute dtype; auto = bf16 autocast on GPU, fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the model")
+    threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.stop_at > self.steps:
+            raise ValueError(f"train.stop_at ({self.stop_at}) is beyond train.steps ({self.steps})")
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+        return self
+
+
+class CheckpointConfig(Section):
+    interval: int = Field(500, ge=0, description="save every this many steps (and at the end); 0 = only at the end")
+    keep: int = Field(3, ge=1, description="keep the newest this many checkpoints")
+    keep_every: int = Field(0, ge=0, description="also keep every checkpoint whose step is a multiple of this; 0 = none")
+    resume: Literal["auto", "never"] = Field("auto", description="auto = continue from the newest verified checkpoint; never = refuse a run dir that has one")
+
+
+class EvalConfig(Section):
+    interval: int = Field(250, ge=0, description="validate every this many steps (and at the end); 0 = never")
+    batches: int = Field(20, ge=1, description="validation batches of train.micro_batch sequences per evaluation")
+
+
+class LogConfig(Section):
+    interval: int = Field(10, ge=1, description="write metrics every this many steps")
+    tensorboard: bool = Field(True, description="write TensorBoard event files to RUN/events")
+    progress: Literal["auto", "rich", "plain"] = Field("auto", description="auto = a rich progress bar on a terminal, plain lines otherwise")
+    peak_tflops: float | None = Field(None, gt=0, description="device peak TFLOP/s for MFU; none = from the known-device table")
+
+
+class RunConfig(Section):
+    dir: str = Field("runs/default", description="run directory: config, metrics, events, checkpoints, log")
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len ({self.data.seq_len}) is above model.max_seq_len ({self.model.max_seq_len})"
+            )
+        return self
+
+    def hash(self) -> str:
+        """sha256 of the whole resolved config (short), stored in every checkpoint."""
+        blob = json.dumps(self.model_dump(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def parse_value(raw: str) -> Any:
+    """A CLI value as TOML would read it (`4`, `3e-4`, `true`, `"x"`), else as a plain string."""
+    if raw.lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--train.steps=200 --model.n_layers 4` -> {"train.steps": 200, "model.n_layers": 4}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise StratusError(f"unexpected argument {arg!r}: config overrides look like --section.key=value")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise StratusError(f"--{key} needs a value: --{key}=VALUE")
+            i += 1
+            raw = args[i]
+        out[key] = parse_value(raw)
+        i += 1
+    return out
+
+
+def _apply(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *sections, leaf = dotted.split(".")
+    node = tree
+    for name in sections:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise StratusError(f"{dotted}: {name} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe(err: ValidationError) -> str:
+    """The first validation error as one line that names the key."""
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"])
+    msg = str(e["msg"]).removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        parent = _section_of(e["loc"][:-1])
+        kind = "section" if len(e["loc"]) == 1 else "key"
+        known = ", ".join(parent.model_fields) if parent is not None else ""
+        return f"{key}: unknown {kind}" + (f"; known {kind}s here: {known}" if known else "")
+    if e["type"] == "value_error" or not key:
+        return msg  # our own consistency messages name their keys
+    got = e.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{key}: {msg}{shown}"
+
+
+def _section_of(loc: tuple) -> type[BaseModel] | None:
+    cls: type[BaseModel] = Config
+    for name in loc:
+        field = cls.model_fields.get(str(name))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        cls = field.annotation
+    return cls
+
+
+def _as_field_type(dotted: str, value: Any) -> Any:
+    """A CLI value read as a number or boolean goes back to text for a text field
+    (`--run.dir=5` means the directory "5")."""
+    *sections, leaf = dotted.split(".")
+    section = _section_of(tuple(sections))
+    field = section.model_fields.get(leaf) if section is not None else None
+    if field is not None and field.annotation is str and isinstance(value, (bool, int, float)):
+        return _toml_value(value)
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read TOML (if given), apply dotted overrides, validate. Raises StratusError."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise StratusError(f"config file {p} not found: give a TOML file such as configs/demo.toml")
+        try:
+            tree = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise StratusError(f"config file {p} is not valid TOML: {e}") from None
+    for key, value in (overrides or {}).items():
+        _apply(tree, key, _as_field_type(key, value))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise StratusError(f"config error: {_describe(e)}") from None
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def to_toml(cfg: Config, comments: bool = False) -> str:
+    """The resolved config as TOML; with comments, each key carries its description."""
+    lines: list[str] = []
+    for name, field in Config.model_fields.items():
+        section: BaseModel = getattr(cfg, name)
+        lines.append(f"[{name}]")
+        for key, f in type(section).model_fields.items():
+            value = getattr(section, key)
+            text = f"{key} = {_toml_value(value)}" if value is not None else f"# {key} = none"
+            if comments and f.description:
+                text = f"{text:<40} # {f.description}"
+            lines.append(text)
+        lines.append("")
+    return "\n".join(lines)

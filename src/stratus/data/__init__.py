@@ -1,0 +1,1 @@
+"""Tokenizer, corpus preparation (corpus -> shards + manifest), and the deterministic loader."""

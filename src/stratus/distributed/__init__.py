@@ -1,0 +1,1 @@
+"""Process groups and the parallelisms applied to the model from outside it."""

@@ -1,0 +1,75 @@
+"""Validation loss: the same fixed windows every time, split over the data-parallel ranks."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from stratus.data.loader import Sampler
+from stratus.distributed.env import DistEnv
+
+
+@torch.no_grad()
+def validation_loss(
+    model: nn.Module, sampler: Sampler, batches: int, micro_batch: int, env: DistEnv,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> tuple[float, int]:
+    """Mean next-token loss (nats) over the first `batches` x micro_batch windows of the split
+    (fewer if the split is smaller), and the number of tokens it covered."""
+    was_training = model.training
+    model.eval()
+    n = min(batches * micro_batch, sampler.n_windows)
+    total = torch.zeros(2, dtype=torch.float64, device=env.device)  # (loss sum, tokens)
+    for first in range(env.rank * micro_batch, n, env.world_size * micro_batch):
+        x, y = sampler.batch(first, min(micro_batch, n - first))
+        x, y = x.to(env.device), y.to(env.device)
+        with autocast or contextlib.nullcontext():
+            logits = model(x)
+        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+        total[1] += y.numel()
+    if env.distributed:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item(), int(total[1].item())
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+
+
+def evaluate_trained(
+    path: str, data: str | None = None, batches: int = 100, micro_batch: int = 8, seq_len: int | None = None
+) -> dict:
+    """`stratus eval`: validation loss and perplexity of a run, checkpoint or export, on the
+    validation split of its prepared data (or --data)."""
+    from pathlib import Path
+
+    from stratus.checkpoint.load import load_trained
+    from stratus.config import load_config
+    from stratus.data.loader import TokenSplit
+    from stratus.distributed.env import DistEnv, pick_device
+    from stratus.errors import StratusError
+
+    device = pick_device("auto")
+    trained = load_trained(path, device)
+    run_cfg = None
+    if trained.run_dir is not None and (trained.run_dir / "config.toml").is_file():
+        run_cfg = load_config(trained.run_dir / "config.toml")
+    data_dir = data or (run_cfg.data.path if run_cfg else None)
+    if data_dir is None:
+        raise StratusError(f"{path} does not say which data it was trained on: give --data DIR")
+    seq_len = seq_len or (run_cfg.data.seq_len if run_cfg else trained.model.cfg.max_seq_len)
+    split = TokenSplit(Path(data_dir), "val", verify=True)
+    if split.n_tokens <= seq_len:
+        raise StratusError(f"the validation split of {data_dir} has {split.n_tokens} tokens: too few to evaluate")
+    sampler = Sampler(split, seq_len, seed=0, shuffle=False)
+    env = DistEnv(0, 1, 0, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    loss, tokens = validation_loss(trained.model, sampler, batches, micro_batch, env, autocast)
+    return {"step": trained.step, "checkpoint": str(trained.source), "data": str(data_dir),
+            "val_loss": loss, "perplexity": perplexity(loss), "tokens": tokens}

@@ -1,0 +1,72 @@
+"""Shared fixtures: a small generated corpus, its prepared data, tiny configs, the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stratus.config import Config, load_config
+from stratus.data.prepare import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["alpha", "beta", "gamma", "delta", "value", "count", "total", "index"]
+
+
+def write_corpus(directory: Path, n_docs: int = 24) -> Path:
+    """Deterministic Python-like documents: small, repetitive, learnable."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        lines = []
+        for j in range(12):
+            a, b = WORDS[(i + j) % 8], WORDS[(i * 3 + j) % 8]
+            lines.append(f"def {a}_{j}({b}):\n    return {b} + {i * j}\n\n")
+        (directory / f"doc_{i:02d}.py").write_text("".join(lines), encoding="utf-8")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("tiny")
+    out = base / "data"
+    prepare([str(write_corpus(base / "corpus"))], out, vocab_size=320, val_fraction=0.15, say=lambda s: None)
+    return out
+
+
+TINY = {
+    "model.n_layers": 2, "model.d_model": 32, "model.n_heads": 4, "model.n_kv_heads": 2,
+    "model.max_seq_len": 64, "data.seq_len": 32, "train.micro_batch": 4, "train.steps": 8,
+    "train.warmup_steps": 2, "train.lr": 3e-3, "train.min_lr": 3e-4, "train.deterministic": True,
+    "log.interval": 1, "log.tensorboard": False, "log.progress": "plain", "eval.interval": 0,
+    "checkpoint.interval": 4, "checkpoint.keep": 10,
+}
+
+
+@pytest.fixture
+def tiny_config(tiny_data: Path, tmp_path: Path):
+    """A factory: tiny_config(**overrides) with dotted keys written as section__key."""
+
+    def make(run: str = "run", **overrides) -> Config:
+        values = dict(TINY, **{"data.path": str(tiny_data), "run.dir": str(tmp_path / run)})
+        values.update({k.replace("__", "."): v for k, v in overrides.items()})
+        return load_config(None, values)
+
+    return make
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """Training lines (those with a loss) of a run's metrics.jsonl."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
+    """The real `stratus` command in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "stratus", *args], cwd=cwd or ROOT, capture_output=True, text=True,
+        timeout=timeout, env={**os.environ, **(env or {})},
+    )
