@@ -42,31 +42,41 @@ def generate_ids(
     first_allowed: torch.Tensor | None = None,
 ) -> Iterator[int]:
     """Yields one new token id at a time: the prompt is prefilled once, then each step feeds
-    only the newest token through the cached keys and values. first_allowed (vocab,) bool
-    restricts the first token (token healing)."""
+    only the newest token through the cached keys and values. When the context is full, the
+    newest half of it is prefilled into a fresh cache and generation goes on (a sliding
+    window, as nanoGPT crops to its block size). first_allowed (vocab,) bool restricts the
+    first token (token healing)."""
     device = model.output.weight.device
-    total = len(prompt_ids) + max_new_tokens
-    if total > model.cfg.max_seq_len:
+    context = model.cfg.max_seq_len
+    if len(prompt_ids) >= context:
         raise StratusError(
-            f"the prompt ({len(prompt_ids)} tokens) plus {max_new_tokens} new tokens exceeds the model's "
-            f"context of {model.cfg.max_seq_len}: shorten the prompt or lower --max-new-tokens"
+            f"the prompt is {len(prompt_ids)} tokens; the model's context is {context}: shorten the prompt"
         )
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-    cache = model.new_cache(batch=1, max_len=total)
-    tokens = torch.tensor([prompt_ids], device=device)
-    logits = model(tokens, cache, start=0)[:, -1]
+    ids = list(prompt_ids)
+    cache = model.new_cache(batch=1, max_len=min(context, len(ids) + max_new_tokens))
+    logits = model(torch.tensor([ids], device=device), cache, start=0)[:, -1]
     if first_allowed is not None:
         keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
         keep[: len(first_allowed)] = first_allowed.to(device)
         logits = logits.masked_fill(~keep, float("-inf"))
-    pos = len(prompt_ids)
-    for _ in range(max_new_tokens):
-        nxt = sample(logits, params, generator)
-        yield int(nxt.item())
-        logits = model(nxt.view(1, 1), cache, start=pos)[:, -1]
-        pos += 1
+    pos = len(ids)
+    for i in range(max_new_tokens):
+        nxt = int(sample(logits, params, generator).item())
+        yield nxt
+        if i == max_new_tokens - 1:
+            return
+        ids.append(nxt)
+        if pos == cache.max_len:  # full: restart from the newest half of the context
+            ids = ids[-(context // 2) :]
+            cache = model.new_cache(batch=1, max_len=context)
+            logits = model(torch.tensor([ids], device=device), cache, start=0)[:, -1]
+            pos = len(ids)
+        else:
+            logits = model(torch.tensor([[nxt]], device=device), cache, start=pos)[:, -1]
+            pos += 1
 
 
 def generate(
