@@ -38,11 +38,24 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 TINY = {
-    "model.n_layers": 2, "model.d_model": 32, "model.n_heads": 4, "model.n_kv_heads": 2,
-    "model.max_seq_len": 64, "data.seq_len": 32, "train.micro_batch": 4, "train.steps": 8,
-    "train.warmup_steps": 2, "train.lr": 3e-3, "train.min_lr": 3e-4, "train.deterministic": True,
-    "log.interval": 1, "log.tensorboard": False, "log.progress": "plain", "eval.interval": 0,
-    "checkpoint.interval": 4, "checkpoint.keep": 10,
+    "model.n_layers": 2,
+    "model.d_model": 32,
+    "model.n_heads": 4,
+    "model.n_kv_heads": 2,
+    "model.max_seq_len": 64,
+    "data.seq_len": 32,
+    "train.micro_batch": 4,
+    "train.steps": 8,
+    "train.warmup_steps": 2,
+    "train.lr": 3e-3,
+    "train.min_lr": 3e-4,
+    "train.deterministic": True,
+    "log.interval": 1,
+    "log.tensorboard": False,
+    "log.progress": "plain",
+    "eval.interval": 0,
+    "checkpoint.interval": 4,
+    "checkpoint.keep": 10,
 }
 
 
@@ -67,6 +80,10 @@ def metrics(run_dir: Path) -> list[dict]:
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
     """The real `stratus` command in a subprocess."""
     return subprocess.run(
-        [sys.executable, "-m", "stratus", *args], cwd=cwd or ROOT, capture_output=True, text=True,
-        timeout=timeout, env={**os.environ, **(env or {})},
+        [sys.executable, "-m", "stratus", *args],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )

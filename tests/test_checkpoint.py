@@ -66,7 +66,9 @@ def test_resumed_run_matches_uninterrupted_run_exactly(tiny_config):
     assert second.resumed_from == 4 and second.step == 8
     a, b = metrics(whole.run_dir), metrics(second.run_dir)
     assert [r["step"] for r in b] == list(range(1, 9))
-    assert [(r["loss"], r["grad_norm"], r["lr"]) for r in a] == [(r["loss"], r["grad_norm"], r["lr"]) for r in b]
+    assert [(r["loss"], r["grad_norm"], r["lr"]) for r in a] == [
+        (r["loss"], r["grad_norm"], r["lr"]) for r in b
+    ]
     wa = load_trained(whole.run_dir).model.state_dict()
     wb = load_trained(second.run_dir).model.state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -116,9 +118,17 @@ def test_changed_model_shape_is_refused_naming_keys(tiny_config, tmp_path: Path)
     s = train(tiny_config(train__steps=2))
     with pytest.raises(StratusError, match=r"model\.n_layers.*checkpoint 2, config 3"):
         train(tiny_config(train__steps=4, model__n_layers=3))
-    r = run_cli("train", f"--data.path={tiny_config().data.path}", f"--run.dir={s.run_dir}",
-                "--model.n_layers=2", "--model.d_model=48", "--model.n_heads=4", "--model.max_seq_len=64",
-                "--data.seq_len=32", "--train.steps=4")
+    r = run_cli(
+        "train",
+        f"--data.path={tiny_config().data.path}",
+        f"--run.dir={s.run_dir}",
+        "--model.n_layers=2",
+        "--model.d_model=48",
+        "--model.n_heads=4",
+        "--model.max_seq_len=64",
+        "--data.seq_len=32",
+        "--train.steps=4",
+    )
     assert r.returncode == 2 and "model.d_model" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -129,7 +139,9 @@ def test_resume_never_refuses_existing_run(tiny_config):
 
 
 def test_retention_keeps_newest_and_every_nth(tiny_config):
-    s = train(tiny_config(train__steps=10, checkpoint__interval=2, checkpoint__keep=2, checkpoint__keep_every=4))
+    s = train(
+        tiny_config(train__steps=10, checkpoint__interval=2, checkpoint__keep=2, checkpoint__keep_every=4)
+    )
     root = s.run_dir / "checkpoints"
     assert sorted(step for step, _ in list_checkpoints(root)) == [4, 8, 10]
     assert (root / "latest").read_text().strip() == "10"

@@ -141,10 +141,25 @@ def test_torchrun_two_ranks_match_one_process(trained, tmp_path: Path):
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "-m", "stratus", "train", str(config), f"--run.dir={tmp_path / 'two'}", "--train.micro_batch=4",
-         *common],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "stratus",
+            "train",
+            str(config),
+            f"--run.dir={tmp_path / 'two'}",
+            "--train.micro_batch=4",
+            *common,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")

@@ -121,8 +121,15 @@ def test_train_refuses_corrupt_shard_through_the_cli(tmp_path: Path, tiny_data: 
     shutil.copytree(tiny_data, data)
     with open(data / "val-00000.bin", "r+b") as f:
         f.write(b"\x00\x01\x02\x03")
-    r = run_cli("train", f"--data.path={data}", f"--run.dir={tmp_path / 'run'}", "--train.steps=1",
-                "--eval.interval=1", "--model.max_seq_len=64", "--data.seq_len=32")
+    r = run_cli(
+        "train",
+        f"--data.path={data}",
+        f"--run.dir={tmp_path / 'run'}",
+        "--train.steps=1",
+        "--eval.interval=1",
+        "--model.max_seq_len=64",
+        "--data.seq_len=32",
+    )
     assert r.returncode == 2, r.stderr
     assert "val-00000.bin" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

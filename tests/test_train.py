@@ -16,9 +16,17 @@ from tests.conftest import metrics
 
 def test_tiny_model_overfits_tiny_corpus(tiny_config):
     cfg = tiny_config(
-        model__d_model=64, train__steps=150, train__lr=1e-2, train__min_lr=1e-3, train__warmup_steps=10,
-        train__micro_batch=8, train__weight_decay=0.0, log__interval=10, checkpoint__interval=0,
-        eval__interval=150, eval__batches=4,
+        model__d_model=64,
+        train__steps=150,
+        train__lr=1e-2,
+        train__min_lr=1e-3,
+        train__warmup_steps=10,
+        train__micro_batch=8,
+        train__weight_decay=0.0,
+        log__interval=10,
+        checkpoint__interval=0,
+        eval__interval=150,
+        eval__batches=4,
     )
     summary = train(cfg)
     losses = [r["loss"] for r in metrics(summary.run_dir)]
@@ -70,7 +78,9 @@ def test_inconsistent_batch_and_vocab_are_refused(tiny_config):
 def test_learning_rate_schedule(tiny_config, tmp_path: Path):
     from stratus.train.optim import lr_multiplier
 
-    f = lr_multiplier(tiny_config(train__steps=100, train__warmup_steps=10, train__lr=1.0, train__min_lr=0.1).train)
+    f = lr_multiplier(
+        tiny_config(train__steps=100, train__warmup_steps=10, train__lr=1.0, train__min_lr=0.1).train
+    )
     assert f(0) < f(5) < f(9) <= 1.0  # warmup rises
     assert f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.55)  # half-way through the cosine: midpoint of lr and min_lr

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from stratus.errors import StratusError
 
@@ -45,11 +44,20 @@ def _config(args: argparse.Namespace, overrides: list[str]):
 def cmd_prepare(args, overrides):
     from stratus.data.prepare import prepare
 
-    m = prepare(args.sources, args.out, vocab_size=args.vocab_size, tokenizer_file=args.tokenizer,
-                val_fraction=args.val_fraction, strict=args.strict, force=args.force)
+    m = prepare(
+        args.sources,
+        args.out,
+        vocab_size=args.vocab_size,
+        tokenizer_file=args.tokenizer,
+        val_fraction=args.val_fraction,
+        strict=args.strict,
+        force=args.force,
+    )
     train, val = m["splits"]["train"], m["splits"]["val"]
-    print(f"prepared {args.out}: train {train['tokens']:,} tokens, val {val['tokens']:,} tokens, "
-          f"vocabulary {m['tokenizer']['vocab_size']}, unigram baseline {train['unigram_entropy']} nats/token")
+    print(
+        f"prepared {args.out}: train {train['tokens']:,} tokens, val {val['tokens']:,} tokens, "
+        f"vocabulary {m['tokenizer']['vocab_size']}, unigram baseline {train['unigram_entropy']} nats/token"
+    )
 
 
 def cmd_train(args, overrides):
@@ -58,8 +66,10 @@ def cmd_train(args, overrides):
 
     s = train(cfg)
     if s.loss is not None and s.unigram_baseline:
-        print(f"final loss {s.loss:.3f} nats/token vs unigram baseline {s.unigram_baseline:.3f}"
-              + (f"; validation loss {s.val_loss:.3f}" if s.val_loss is not None else ""))
+        print(
+            f"final loss {s.loss:.3f} nats/token vs unigram baseline {s.unigram_baseline:.3f}"
+            + (f"; validation loss {s.val_loss:.3f}" if s.val_loss is not None else "")
+        )
     print(f"run: {s.run_dir} (step {s.step})")
 
 
@@ -77,7 +87,9 @@ def cmd_generate(args, overrides):
     if args.max_new_tokens < 1:
         raise StratusError("--max-new-tokens must be at least 1")
     if not 0 < args.top_p <= 1 or args.temperature < 0 or args.top_k < 0:
-        raise StratusError("sampling flags out of range: need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1")
+        raise StratusError(
+            "sampling flags out of range: need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1"
+        )
     from stratus.checkpoint.load import load_trained
 
     trained = load_trained(args.path)
@@ -91,7 +103,9 @@ def cmd_generate(args, overrides):
 
     g = generate(trained.model, tok, args.prompt, args.max_new_tokens, params, args.stop, emit)
     sys.stdout.write("\n")
-    print(f"[{g.completion_tokens} tokens, finish: {g.finish_reason}, from {trained.source}]", file=sys.stderr)
+    print(
+        f"[{g.completion_tokens} tokens, finish: {g.finish_reason}, from {trained.source}]", file=sys.stderr
+    )
 
 
 def cmd_eval(args, overrides):
@@ -101,8 +115,10 @@ def cmd_eval(args, overrides):
     if args.json:
         print(json.dumps(r))
     else:
-        print(f"step {r['step']} | validation loss {r['val_loss']:.4f} | perplexity {r['perplexity']:.2f} "
-              f"| {r['tokens']:,} tokens of {r['data']}")
+        print(
+            f"step {r['step']} | validation loss {r['val_loss']:.4f} | perplexity {r['perplexity']:.2f} "
+            f"| {r['tokens']:,} tokens of {r['data']}"
+        )
 
 
 def cmd_export(args, overrides):
@@ -113,28 +129,47 @@ def cmd_export(args, overrides):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="stratus", epilog=EPILOG,
+        prog="stratus",
+        epilog=EPILOG,
         description="Train, checkpoint, evaluate and sample GPT-style language models, from one CPU core up.",
     )
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    sp = verbs.add_parser("prepare", help="corpus -> tokenizer + token shards + manifest",
-                          description="Read text files, train a byte-level BPE tokenizer, write token shards "
-                          "and manifest.json. With no SOURCES: the Python standard library of this interpreter.")
-    sp.add_argument("sources", nargs="*", metavar="SOURCE", help="files, directories (recursive) or glob patterns")
-    sp.add_argument("--out", required=True, help="output directory (created; must be new or hold prepared data)")
-    sp.add_argument("--vocab-size", type=int, default=4096, help="tokens in the trained vocabulary (default 4096)")
+    sp = verbs.add_parser(
+        "prepare",
+        help="corpus -> tokenizer + token shards + manifest",
+        description="Read text files, train a byte-level BPE tokenizer, write token shards "
+        "and manifest.json. With no SOURCES: the Python standard library of this interpreter.",
+    )
+    sp.add_argument(
+        "sources", nargs="*", metavar="SOURCE", help="files, directories (recursive) or glob patterns"
+    )
+    sp.add_argument(
+        "--out", required=True, help="output directory (created; must be new or hold prepared data)"
+    )
+    sp.add_argument(
+        "--vocab-size", type=int, default=4096, help="tokens in the trained vocabulary (default 4096)"
+    )
     sp.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
-    sp.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation (default 0.01)")
-    sp.add_argument("--strict", action="store_true", help="an unreadable or non-UTF-8 file is an error, not a skip")
+    sp.add_argument(
+        "--val-fraction", type=float, default=0.01, help="share of documents for validation (default 0.01)"
+    )
+    sp.add_argument(
+        "--strict", action="store_true", help="an unreadable or non-UTF-8 file is an error, not a skip"
+    )
     sp.add_argument("--force", action="store_true", help="replace prepared data already in --out")
     sp.set_defaults(func=cmd_prepare)
 
-    sp = verbs.add_parser("train", help="train (or resume) a model; under torchrun on every rank",
-                          description="Train from CONFIG (TOML) with --section.key=value overrides. An existing "
-                          "run.dir is resumed from its newest verified checkpoint.")
+    sp = verbs.add_parser(
+        "train",
+        help="train (or resume) a model; under torchrun on every rank",
+        description="Train from CONFIG (TOML) with --section.key=value overrides. An existing "
+        "run.dir is resumed from its newest verified checkpoint.",
+    )
     sp.add_argument("config", nargs="?", help="config TOML, e.g. configs/demo.toml")
-    sp.add_argument("--resume", choices=["auto", "never"], help="auto: continue an existing run; never: refuse")
+    sp.add_argument(
+        "--resume", choices=["auto", "never"], help="auto: continue an existing run; never: refuse"
+    )
     sp.set_defaults(func=cmd_train, overrides=True)
 
     sp = verbs.add_parser("config", help="config tools: `config show` prints the resolved config")
@@ -144,21 +179,29 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--plain", action="store_true", help="no description comments")
     sh.set_defaults(func=cmd_config_show, overrides=True)
 
-    sp = verbs.add_parser("generate", help="sample text from a run, checkpoint or export",
-                          description="Continue a prompt with the newest verified checkpoint of RUN (or the "
-                          "given checkpoint or export), streaming tokens as they come.")
+    sp = verbs.add_parser(
+        "generate",
+        help="sample text from a run, checkpoint or export",
+        description="Continue a prompt with the newest verified checkpoint of RUN (or the "
+        "given checkpoint or export), streaming tokens as they come.",
+    )
     sp.add_argument("path", metavar="RUN|CHECKPOINT", help="run directory, checkpoint directory or export")
     sp.add_argument("--prompt", default="", help="text to continue")
     sp.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
     sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     sp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = all")
-    sp.add_argument("--top-p", type=float, default=0.95, help="nucleus: smallest set of tokens with this mass")
+    sp.add_argument(
+        "--top-p", type=float, default=0.95, help="nucleus: smallest set of tokens with this mass"
+    )
     sp.add_argument("--seed", type=int, help="seed for reproducible samples")
     sp.add_argument("--stop", action="append", help="stop before this string (repeatable)")
     sp.set_defaults(func=cmd_generate)
 
-    sp = verbs.add_parser("eval", help="validation loss and perplexity",
-                          description="Validation loss and perplexity of a run, checkpoint or export.")
+    sp = verbs.add_parser(
+        "eval",
+        help="validation loss and perplexity",
+        description="Validation loss and perplexity of a run, checkpoint or export.",
+    )
     sp.add_argument("path", metavar="RUN|CHECKPOINT", help="run directory, checkpoint directory or export")
     sp.add_argument("--data", help="prepared data directory (default: the run's data.path)")
     sp.add_argument("--batches", type=int, default=100, help="validation batches at most (default 100)")

@@ -30,25 +30,41 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """The transformer's shape; changing any of these makes old checkpoints unloadable."""
 
-    vocab_size: int = Field(0, ge=0, description="vocabulary size in tokens; 0 = the prepared tokenizer's, rounded up to a multiple of 64")
+    vocab_size: int = Field(
+        0,
+        ge=0,
+        description="vocabulary size in tokens; 0 = the prepared tokenizer's, rounded up to a multiple of 64",
+    )
     n_layers: int = Field(6, ge=1, description="number of transformer blocks")
     d_model: int = Field(384, ge=8, description="hidden width (channels per token)")
     n_heads: int = Field(6, ge=1, description="attention (query) heads; must divide d_model")
-    n_kv_heads: int | None = Field(None, ge=1, description="key/value heads for grouped-query attention; none = n_heads")
-    ffn_hidden: int | None = Field(None, ge=1, description="SwiGLU hidden width; none = int(8/3 d_model) rounded up to ffn_multiple_of (as Llama)")
-    ffn_multiple_of: int = Field(256, ge=1, description="rounding multiple for the default SwiGLU width (channels)")
+    n_kv_heads: int | None = Field(
+        None, ge=1, description="key/value heads for grouped-query attention; none = n_heads"
+    )
+    ffn_hidden: int | None = Field(
+        None,
+        ge=1,
+        description="SwiGLU hidden width; none = int(8/3 d_model) rounded up to ffn_multiple_of (as Llama)",
+    )
+    ffn_multiple_of: int = Field(
+        256, ge=1, description="rounding multiple for the default SwiGLU width (channels)"
+    )
     max_seq_len: int = Field(1024, ge=1, description="longest sequence the RoPE table covers (tokens)")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency")
     norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon")
     tie_embeddings: bool = Field(False, description="share the token embedding with the output projection")
-    init_std: float = Field(0.02, gt=0, description="std of the normal init; output projections are scaled by 1/sqrt(2 n_layers)")
+    init_std: float = Field(
+        0.02, gt=0, description="std of the normal init; output projections are scaled by 1/sqrt(2 n_layers)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"model.n_heads ({self.n_heads}) must divide model.d_model ({self.d_model})")
         if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"model.d_model / model.n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+            raise ValueError(
+                f"model.d_model / model.n_heads = {self.d_model // self.n_heads} must be even for RoPE"
+            )
         if self.n_heads % self.kv_heads:
             raise ValueError(f"model.n_kv_heads ({self.kv_heads}) must divide model.n_heads ({self.n_heads})")
         return self
@@ -70,27 +86,45 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    path: str = Field("data/stdlib", description="prepared data directory (from `stratus prepare`), holding manifest.json")
+    path: str = Field(
+        "data/stdlib", description="prepared data directory (from `stratus prepare`), holding manifest.json"
+    )
     seq_len: int = Field(256, ge=1, description="tokens per training sequence; at most model.max_seq_len")
     verify: bool = Field(True, description="check every shard's sha256 against the manifest before training")
 
 
 class TrainConfig(Section):
-    steps: int = Field(1000, ge=0, description="optimizer steps to train in total (a resumed run continues to this)")
-    stop_at: int = Field(0, ge=0, description="end this invocation at this step (with a checkpoint) without changing the schedule; 0 = train.steps")
+    steps: int = Field(
+        1000, ge=0, description="optimizer steps to train in total (a resumed run continues to this)"
+    )
+    stop_at: int = Field(
+        0,
+        ge=0,
+        description="end this invocation at this step (with a checkpoint) without changing the schedule; 0 = train.steps",
+    )
     seed: int = Field(1337, ge=0, description="seed for init and data order")
-    deterministic: bool = Field(False, description="deterministic kernels, so a resumed run matches an uninterrupted one bit for bit")
+    deterministic: bool = Field(
+        False, description="deterministic kernels, so a resumed run matches an uninterrupted one bit for bit"
+    )
     micro_batch: int = Field(8, ge=1, description="sequences per forward/backward pass on each rank")
-    global_batch: int = Field(0, ge=0, description="sequences per optimizer step over all ranks; 0 = micro_batch x ranks (no accumulation)")
+    global_batch: int = Field(
+        0,
+        ge=0,
+        description="sequences per optimizer step over all ranks; 0 = micro_batch x ranks (no accumulation)",
+    )
     lr: float = Field(3e-4, gt=0, description="peak learning rate")
     min_lr: float = Field(3e-5, ge=0, description="learning rate at the end of the cosine decay")
     warmup_steps: int = Field(100, ge=0, description="steps of linear warmup from 0 to lr")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (matrices only, not norms)")
+    weight_decay: float = Field(
+        0.1, ge=0, description="AdamW decoupled weight decay (matrices only, not norms)"
+    )
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2")
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 = off")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="compute dtype; auto = bf16 autocast on GPU, fp32 on CPU")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="compute dtype; auto = bf16 autocast on GPU, fp32 on CPU"
+    )
     compile: bool = Field(False, description="torch.compile the model")
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
 
@@ -104,22 +138,35 @@ class TrainConfig(Section):
 
 
 class CheckpointConfig(Section):
-    interval: int = Field(500, ge=0, description="save every this many steps (and at the end); 0 = only at the end")
+    interval: int = Field(
+        500, ge=0, description="save every this many steps (and at the end); 0 = only at the end"
+    )
     keep: int = Field(3, ge=1, description="keep the newest this many checkpoints")
-    keep_every: int = Field(0, ge=0, description="also keep every checkpoint whose step is a multiple of this; 0 = none")
-    resume: Literal["auto", "never"] = Field("auto", description="auto = continue from the newest verified checkpoint; never = refuse a run dir that has one")
+    keep_every: int = Field(
+        0, ge=0, description="also keep every checkpoint whose step is a multiple of this; 0 = none"
+    )
+    resume: Literal["auto", "never"] = Field(
+        "auto",
+        description="auto = continue from the newest verified checkpoint; never = refuse a run dir that has one",
+    )
 
 
 class EvalConfig(Section):
     interval: int = Field(250, ge=0, description="validate every this many steps (and at the end); 0 = never")
-    batches: int = Field(20, ge=1, description="validation batches of train.micro_batch sequences per evaluation")
+    batches: int = Field(
+        20, ge=1, description="validation batches of train.micro_batch sequences per evaluation"
+    )
 
 
 class LogConfig(Section):
     interval: int = Field(10, ge=1, description="write metrics every this many steps")
     tensorboard: bool = Field(True, description="write TensorBoard event files to RUN/events")
-    progress: Literal["auto", "rich", "plain"] = Field("auto", description="auto = a rich progress bar on a terminal, plain lines otherwise")
-    peak_tflops: float | None = Field(None, gt=0, description="device peak TFLOP/s for MFU; none = from the known-device table")
+    progress: Literal["auto", "rich", "plain"] = Field(
+        "auto", description="auto = a rich progress bar on a terminal, plain lines otherwise"
+    )
+    peak_tflops: float | None = Field(
+        None, gt=0, description="device peak TFLOP/s for MFU; none = from the known-device table"
+    )
 
 
 class RunConfig(Section):
@@ -213,7 +260,11 @@ def _section_of(loc: tuple) -> type[BaseModel] | None:
     cls: type[BaseModel] = Config
     for name in loc:
         field = cls.model_fields.get(str(name))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        if (
+            field is None
+            or not isinstance(field.annotation, type)
+            or not issubclass(field.annotation, BaseModel)
+        ):
             return None
         cls = field.annotation
     return cls
@@ -263,7 +314,7 @@ def _toml_value(v: Any) -> str:
 def to_toml(cfg: Config, comments: bool = False) -> str:
     """The resolved config as TOML; with comments, each key carries its description."""
     lines: list[str] = []
-    for name, field in Config.model_fields.items():
+    for name in Config.model_fields:
         section: BaseModel = getattr(cfg, name)
         lines.append(f"[{name}]")
         for key, f in type(section).model_fields.items():

@@ -31,8 +31,12 @@ def export(source: str | Path, out: str | Path, force: bool = False) -> Path:
     tmp.mkdir()
     try:
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-        info = {"format": EXPORT_FORMAT, "step": trained.step, "source": str(trained.source),
-                "model": model.cfg.model_dump()}
+        info = {
+            "format": EXPORT_FORMAT,
+            "step": trained.step,
+            "source": str(trained.source),
+            "model": model.cfg.model_dump(),
+        }
         (tmp / "config.json").write_text(json.dumps(info, indent=2) + "\n")
         shutil.copyfile(trained.tokenizer_path, tmp / "tokenizer.json")
         if out.exists():

@@ -58,7 +58,9 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Traine
         weights = load_file(where / "model.safetensors")
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected or [k for k in missing if not (k == "output.weight" and model.cfg.tie_embeddings)]:
-            raise StratusError(f"{where}/model.safetensors does not fit its config.json: prepare a new export")
+            raise StratusError(
+                f"{where}/model.safetensors does not fit its config.json: prepare a new export"
+            )
         return Trained(model.to(device).eval(), where / "tokenizer.json", int(info["step"]), where, None)
     manifest = mf.read_manifest(where)
     model = Transformer(ModelConfig.model_validate(manifest["model"]))

@@ -88,8 +88,14 @@ class CheckpointManager:
 
     # --- save ----------------------------------------------------------------------------
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-             trainer: dict[str, Any], meta: dict[str, Any]) -> Path:
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer: dict[str, Any],
+        meta: dict[str, Any],
+    ) -> Path:
         """Collective: every rank calls it. Returns the final checkpoint directory."""
         env = self.env
         final = self.root / step_name(step)
@@ -146,7 +152,9 @@ class CheckpointManager:
         if rng.exists():
             set_rng_state(torch.load(rng, weights_only=False))
         else:
-            log.warning("%s has no RNG state for rank %d (saved with another world size)", path, self.env.rank)
+            log.warning(
+                "%s has no RNG state for rank %d (saved with another world size)", path, self.env.rank
+            )
         trainer = json.loads((path / "trainer.json").read_text())
         return Loaded(step=int(trainer["step"]), path=path, trainer=trainer)
 
@@ -161,8 +169,11 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
 
 def check_same_model(manifest_model: dict[str, Any], config_model: dict[str, Any], path: Path) -> None:
     """Refuse to resume when the config changes the model's shape, naming the keys."""
-    diffs = [f"model.{k} (checkpoint {manifest_model.get(k)!r}, config {v!r})"
-             for k, v in config_model.items() if manifest_model.get(k) != v]
+    diffs = [
+        f"model.{k} (checkpoint {manifest_model.get(k)!r}, config {v!r})"
+        for k, v in config_model.items()
+        if manifest_model.get(k) != v
+    ]
     if diffs:
         raise StratusError(
             f"cannot resume from {path}: the config changes the model's shape: {'; '.join(diffs)}. "

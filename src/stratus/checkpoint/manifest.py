@@ -21,9 +21,15 @@ def write_manifest(ckpt: Path, meta: dict[str, Any]) -> None:
     for p in files:
         with open(p, "rb") as f:  # the data must be on disk before the manifest vouches for it
             os.fsync(f.fileno())
-        entries.append({"path": str(p.relative_to(ckpt)), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
-    manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **meta, "files": entries}
+        entries.append(
+            {"path": str(p.relative_to(ckpt)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        )
+    manifest = {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **meta,
+        "files": entries,
+    }
     write_json_atomic(ckpt / NAME, manifest)
 
 

@@ -19,6 +19,7 @@ import torch
 from stratus.data.manifest import check_shard, read_manifest
 from stratus.errors import StratusError
 
+
 def _mix(x: np.ndarray) -> np.ndarray:
     """splitmix64 finalizer: a fast, well-mixed hash of uint64 values (wraps mod 2^64)."""
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)

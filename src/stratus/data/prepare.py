@@ -33,7 +33,8 @@ def stdlib_sources() -> list[Path]:
     sorted, site-packages excluded. Present on every machine that runs stratus."""
     root = Path(sysconfig.get_paths()["stdlib"])
     return sorted(
-        p for p in root.rglob("*.py")
+        p
+        for p in root.rglob("*.py")
         if p.is_file() and not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)
     )
 
@@ -130,8 +131,13 @@ class ShardWriter:
         path = self.out / name
         shard.tofile(path)
         self.shards.append(
-            {"split": self.split, "file": name, "tokens": int(n),
-             "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            {
+                "split": self.split,
+                "file": name,
+                "tokens": int(n),
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
         )
 
 
@@ -175,8 +181,10 @@ def prepare(
             f"the corpus is empty: {len(paths)} files found, {len(corpus.skipped)} skipped, "
             "none with text; give files with UTF-8 text"
         )
-    say(f"read {len(corpus.documents)} documents ({sum(map(len, corpus.documents)) / 1e6:.1f}M characters) "
-        f"from {len(paths)} files; skipped {len(corpus.skipped)} unreadable, {corpus.empty} empty")
+    say(
+        f"read {len(corpus.documents)} documents ({sum(map(len, corpus.documents)) / 1e6:.1f}M characters) "
+        f"from {len(paths)} files; skipped {len(corpus.skipped)} unreadable, {corpus.empty} empty"
+    )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -221,16 +229,28 @@ def _build(corpus, tok, vocab_size, val_fraction, shard_tokens, tmp: Path, say) 
             writer.add(ids)
             counts += np.bincount(ids, minlength=vocab)
         shards += writer.close()
-        splits[split] = {"documents": len(idx), "tokens": writer.tokens,
-                         "unigram_entropy": round(unigram_entropy(counts), 4) if writer.tokens else None}
+        splits[split] = {
+            "documents": len(idx),
+            "tokens": writer.tokens,
+            "unigram_entropy": round(unigram_entropy(counts), 4) if writer.tokens else None,
+        }
         say(f"{split}: {len(idx)} documents, {writer.tokens:,} tokens")
     return {
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": {"read": len(docs), "empty": corpus.empty, "skipped": len(corpus.skipped),
-                  "skipped_files": corpus.skipped[:MAX_LISTED_SKIPS]},
-        "tokenizer": {"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json"),
-                      "vocab_size": vocab, "eos_id": eos, "trained": trained},
+        "files": {
+            "read": len(docs),
+            "empty": corpus.empty,
+            "skipped": len(corpus.skipped),
+            "skipped_files": corpus.skipped[:MAX_LISTED_SKIPS],
+        },
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "sha256": sha256_file(tmp / "tokenizer.json"),
+            "vocab_size": vocab,
+            "eos_id": eos,
+            "trained": trained,
+        },
         "dtype": dtype.name,
         "val_fraction": val_fraction,
         "splits": splits,

@@ -38,7 +38,10 @@ def heal_prompt(tokenizer: Tokenizer, ids: list[int]) -> tuple[list[int], torch.
 
 @torch.no_grad()
 def generate_ids(
-    model: Transformer, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
+    model: Transformer,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    params: SamplingParams,
     first_allowed: torch.Tensor | None = None,
 ) -> Iterator[int]:
     """Yields one new token id at a time: the prompt is prefilled once, then each step feeds
@@ -80,12 +83,17 @@ def generate_ids(
 
 
 def generate(
-    model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200,
-    params: SamplingParams = SamplingParams(), stop: list[str] | None = None,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int = 200,
+    params: SamplingParams | None = None,
+    stop: list[str] | None = None,
     on_text: Callable[[str], None] | None = None,
 ) -> Generation:
     """Generate a continuation of prompt. on_text receives each newly decoded piece of text;
     nothing past a stop string is ever passed to it or returned."""
+    params = params or SamplingParams()
     eos = eos_id(tokenizer)
     # Documents were preceded by end-of-text in training, so a prompt starts a new document.
     prompt_ids = [eos] + tokenizer.encode(prompt, add_special_tokens=False).ids

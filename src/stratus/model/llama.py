@@ -132,9 +132,7 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(
-        self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0
-    ) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """tokens (batch, T) -> logits (batch, T, vocab). With a cache, the tokens sit at
         positions start..start+T-1 and their keys/values are appended to it."""
         t = tokens.shape[1]
@@ -148,8 +146,13 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.output.weight
         return KVCache(
-            self.cfg.n_layers, batch, self.cfg.kv_heads, max_len or self.cfg.max_seq_len,
-            self.cfg.head_dim, p.device, p.dtype,
+            self.cfg.n_layers,
+            batch,
+            self.cfg.kv_heads,
+            max_len or self.cfg.max_seq_len,
+            self.cfg.head_dim,
+            p.device,
+            p.dtype,
         )
 
     def num_params(self, embeddings: bool = True) -> int:

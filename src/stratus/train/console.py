@@ -49,8 +49,12 @@ class StepProgress:
         self._bar = None
         if enabled:
             self._bar = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.description}"), TimeRemainingColumn(), console=console,
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                TimeRemainingColumn(),
+                console=console,
             )
             self._task = self._bar.add_task("", total=total, completed=start)
             self._bar.start()

@@ -16,7 +16,11 @@ from stratus.distributed.env import DistEnv
 
 @torch.no_grad()
 def validation_loss(
-    model: nn.Module, sampler: Sampler, batches: int, micro_batch: int, env: DistEnv,
+    model: nn.Module,
+    sampler: Sampler,
+    batches: int,
+    micro_batch: int,
+    env: DistEnv,
     autocast: contextlib.AbstractContextManager | None = None,
 ) -> tuple[float, int]:
     """Mean next-token loss (nats) over the first `batches` x micro_batch windows of the split
@@ -66,10 +70,18 @@ def evaluate_trained(
     seq_len = seq_len or (run_cfg.data.seq_len if run_cfg else trained.model.cfg.max_seq_len)
     split = TokenSplit(Path(data_dir), "val", verify=True)
     if split.n_tokens <= seq_len:
-        raise StratusError(f"the validation split of {data_dir} has {split.n_tokens} tokens: too few to evaluate")
+        raise StratusError(
+            f"the validation split of {data_dir} has {split.n_tokens} tokens: too few to evaluate"
+        )
     sampler = Sampler(split, seq_len, seed=0, shuffle=False)
     env = DistEnv(0, 1, 0, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     loss, tokens = validation_loss(trained.model, sampler, batches, micro_batch, env, autocast)
-    return {"step": trained.step, "checkpoint": str(trained.source), "data": str(data_dir),
-            "val_loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
+    return {
+        "step": trained.step,
+        "checkpoint": str(trained.source),
+        "data": str(data_dir),
+        "val_loss": loss,
+        "perplexity": perplexity(loss),
+        "tokens": tokens,
+    }

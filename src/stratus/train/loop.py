@@ -54,7 +54,9 @@ def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> Config:
     """model.vocab_size 0 -> the tokenizer's size rounded up to a multiple of 64 (aligned
     matmuls); an explicit size must hold every token id."""
     if cfg.model.vocab_size == 0:
-        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": -(-tokenizer_vocab // 64) * 64})})
+        return cfg.model_copy(
+            update={"model": cfg.model.model_copy(update={"vocab_size": -(-tokenizer_vocab // 64) * 64})}
+        )
     if cfg.model.vocab_size < tokenizer_vocab:
         raise StratusError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
@@ -111,9 +113,13 @@ def _train(cfg: Config, env: denv.DistEnv) -> Summary:
     sampler = Sampler(train_split, cfg.data.seq_len, tc.seed)
     val_sampler = None
     if cfg.eval.interval and data_manifest["splits"]["val"]["tokens"] > cfg.data.seq_len:
-        val_sampler = Sampler(TokenSplit(data_dir, "val", verify=cfg.data.verify), cfg.data.seq_len, tc.seed, shuffle=False)
+        val_sampler = Sampler(
+            TokenSplit(data_dir, "val", verify=cfg.data.verify), cfg.data.seq_len, tc.seed, shuffle=False
+        )
 
-    ckpt = CheckpointManager(Path(cfg.run.dir) / "checkpoints", env, cfg.checkpoint.keep, cfg.checkpoint.keep_every)
+    ckpt = CheckpointManager(
+        Path(cfg.run.dir) / "checkpoints", env, cfg.checkpoint.keep, cfg.checkpoint.keep_every
+    )
     found = ckpt.find()
     if found and cfg.checkpoint.resume == "never":
         raise StratusError(
@@ -131,8 +137,14 @@ def _train(cfg: Config, env: denv.DistEnv) -> Summary:
         torch.set_num_threads(tc.threads)
 
     device = env.device
-    dtype = torch.bfloat16 if (tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")) else torch.float32
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    dtype = (
+        torch.bfloat16
+        if (tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda"))
+        else torch.float32
+    )
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    )
 
     model = Transformer(cfg.model).to(device)
     model = parallelize(model, env)
@@ -156,8 +168,16 @@ def _train(cfg: Config, env: denv.DistEnv) -> Summary:
     log.info(
         "model %.2fM parameters (%.2fM without embeddings) | %d ranks x %d micro batch x %d accumulation "
         "= %d sequences of %d tokens per step | device %s %s | unigram baseline %s nats",
-        core.num_params() / 1e6, core.num_params(False) / 1e6, dp, tc.micro_batch, accum, global_batch,
-        cfg.data.seq_len, device, str(dtype).removeprefix("torch."), unigram,
+        core.num_params() / 1e6,
+        core.num_params(False) / 1e6,
+        dp,
+        tc.micro_batch,
+        accum,
+        global_batch,
+        cfg.data.seq_len,
+        device,
+        str(dtype).removeprefix("torch."),
+        unigram,
     )
 
     metrics = MetricsWriter(run, env.is_main, cfg.log.tensorboard)
@@ -191,30 +211,51 @@ def _train(cfg: Config, env: denv.DistEnv) -> Summary:
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = tokens_per_step * window_steps / elapsed
                 values = {
-                    "loss": round(last_loss, 5), "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": round(grad_norm.item(), 5), "tokens_per_s": round(tokens_per_s, 1),
+                    "loss": round(last_loss, 5),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": round(grad_norm.item(), 5),
+                    "tokens_per_s": round(tokens_per_s, 1),
                     "tokens_per_s_per_device": round(tokens_per_s / dp, 1),
                     "mfu": round(flops_per_token * tokens_per_s / (peak * dp), 4) if peak else None,
-                    "memory_gb": round(peak_memory_gb(device), 3), "tokens_seen": samples_seen * cfg.data.seq_len,
+                    "memory_gb": round(peak_memory_gb(device), 3),
+                    "tokens_seen": samples_seen * cfg.data.seq_len,
                 }
                 metrics.write(step, values)
                 eta = (tc.steps - step) * elapsed / window_steps
-                line = (f"step {step}/{tc.steps} | loss {last_loss:.4f} | lr {values['lr']:.2e} | grad {values['grad_norm']:.3f} "
-                        f"| {tokens_per_s:,.0f} tok/s" + (f" | mfu {values['mfu']:.1%}" if peak else "")
-                        + f" | {values['memory_gb']:.2f} GB | eta {eta:.0f}s")
+                line = (
+                    f"step {step}/{tc.steps} | loss {last_loss:.4f} | lr {values['lr']:.2e} "
+                    f"| grad {values['grad_norm']:.3f} "
+                    f"| {tokens_per_s:,.0f} tok/s"
+                    + (f" | mfu {values['mfu']:.1%}" if peak else "")
+                    + f" | {values['memory_gb']:.2f} GB | eta {eta:.0f}s"
+                )
                 progress.update(step, f"loss {last_loss:.3f}")
                 log.info(line)
                 window_start, window_steps = time.perf_counter(), 0
 
             if val_sampler and (step % cfg.eval.interval == 0 or step == end):
-                val_loss, n = validation_loss(model, val_sampler, cfg.eval.batches, tc.micro_batch, env, autocast)
-                metrics.write(step, {"val_loss": round(val_loss, 5), "val_ppl": round(perplexity(val_loss), 3)})
-                log.info("step %d | validation loss %.4f | perplexity %.2f | %d tokens", step, val_loss, perplexity(val_loss), n)
+                val_loss, n = validation_loss(
+                    model, val_sampler, cfg.eval.batches, tc.micro_batch, env, autocast
+                )
+                metrics.write(
+                    step, {"val_loss": round(val_loss, 5), "val_ppl": round(perplexity(val_loss), 3)}
+                )
+                log.info(
+                    "step %d | validation loss %.4f | perplexity %.2f | %d tokens",
+                    step,
+                    val_loss,
+                    perplexity(val_loss),
+                    n,
+                )
 
             if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == end:
                 t = time.perf_counter()
-                trainer = {"step": step, "samples_seen": samples_seen, "tokens_seen": samples_seen * cfg.data.seq_len,
-                           "scheduler": scheduler.state_dict()}
+                trainer = {
+                    "step": step,
+                    "samples_seen": samples_seen,
+                    "tokens_seen": samples_seen * cfg.data.seq_len,
+                    "scheduler": scheduler.state_dict(),
+                }
                 path = ckpt.save(step, model, optimizer, trainer, meta)
                 log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t)
                 window_start += time.perf_counter() - t  # keep saves out of the throughput
@@ -222,8 +263,13 @@ def _train(cfg: Config, env: denv.DistEnv) -> Summary:
         progress.close()
         metrics.close()
     if resumed_from is not None and resumed_from >= end:
-        log.info("the run in %s is already at step %d (asked to train to %d): nothing to do; "
-                 "raise train.steps to continue", run, resumed_from, end)
+        log.info(
+            "the run in %s is already at step %d (asked to train to %d): nothing to do; "
+            "raise train.steps to continue",
+            run,
+            resumed_from,
+            end,
+        )
     return Summary(run, step, last_loss, val_loss, unigram, resumed_from)
 
 

@@ -14,7 +14,9 @@ import torch
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 
-def device_peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float | None) -> float | None:
+def device_peak_flops(
+    device: torch.device, dtype: torch.dtype, override_tflops: float | None
+) -> float | None:
     if override_tflops:
         return override_tflops * 1e12
     if device.type != "cuda" or dtype != torch.bfloat16:
@@ -34,7 +36,8 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
         self.enabled = enabled
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
+        # held open for the run (appending one line per logged step); closed by close()
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None  # noqa: SIM115
         self._tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
