@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 
@@ -128,6 +129,21 @@ def peer_optimizer(
 # --- measurement ---------------------------------------------------------------------------------
 
 
+def busy_cpu_s() -> float | None:
+    """CPU seconds all processes have spent busy since boot (Linux /proc/stat), else None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]  # user .. steal (guest is in user)
+    except (OSError, ValueError):
+        return None
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def matmul_gflops(n: int, reps: int) -> float:
     """Median GFLOP/s of an n x n fp32 matmul: the machine's practical ceiling at this thread count."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -150,6 +166,8 @@ def main() -> None:
     ap.add_argument("--matmul-n", type=int, default=2048, help="size of the square ceiling matmul")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args()
+    if args.steps < 1 or args.warmup < 0 or args.threads < 1:
+        ap.error("need --steps >= 1, --warmup >= 0 and --threads >= 1")
     torch.set_num_threads(args.threads)
 
     ceiling = matmul_gflops(args.matmul_n, reps=10)
@@ -199,13 +217,23 @@ def main() -> None:
         "nanogpt": (peer_step, peer.flops_per_token(SEQ)),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
+    busy0, own0, wall0 = None, 0.0, 0.0
     for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            busy0, own0, wall0 = busy_cpu_s(), own_cpu_s(), time.perf_counter()
         order = list(runs) if i % 2 == 0 else list(reversed(runs))  # alternate who goes first
         for name in order:
             t = time.perf_counter()
             runs[name][0]()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t)
+    # Other processes' CPU use while timing, in cores. Contention skews the figures, and unevenly:
+    # each parallel kernel waits for its slowest thread, so a step slows far more than the load.
+    busy1 = busy_cpu_s()
+    background = None
+    if busy0 is not None and busy1 is not None:
+        elapsed = time.perf_counter() - wall0
+        background = max(0.0, (busy1 - busy0 - (own_cpu_s() - own0)) / elapsed)
 
     tokens = BATCH * SEQ
     result: dict = {
@@ -222,6 +250,7 @@ def main() -> None:
         "steps": args.steps,
         "torch": torch.__version__,
         "matmul": {"n": args.matmul_n, "gflops": round(ceiling, 1)},
+        "background_cores": None if background is None else round(background, 2),
         "models": {},
     }
     for name, (_, fpt) in runs.items():
@@ -250,6 +279,9 @@ def main() -> None:
         f"torch {torch.__version__}"
     )
     print(f"median of {args.steps} timed steps per model after {args.warmup} warmup, models interleaved")
+    if background is not None:
+        quiet = "quiet" if background < 0.2 else "WARNING: contended, rerun on an idle machine"
+        print(f"other processes used {background:.2f} cores while timing ({quiet})")
     print(f"ceiling: {args.matmul_n}x{args.matmul_n} fp32 matmul {ceiling:8.1f} GFLOP/s")
     head = ("model", "FLOPs/token", "step ms", "min ms", "tokens/s", "GFLOP/s", "of matmul")
     print(f"{head[0]:<10} {head[1]:>12} {head[2]:>9} {head[3]:>8} {head[4]:>9} {head[5]:>8} {head[6]:>10}")

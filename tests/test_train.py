@@ -50,13 +50,15 @@ def test_accumulation_equals_one_big_batch(tiny_config):
 
 
 def test_metrics_and_run_directory(tiny_config):
-    s = train(tiny_config(train__steps=4, eval__interval=2, eval__batches=2))
+    s = train(tiny_config(train__steps=4, log__interval=3, eval__interval=2, eval__batches=2))
     rows = [json.loads(x) for x in (s.run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    # one line per logged or evaluated step, each with the step and its training loss
+    assert [r["step"] for r in rows] == [2, 3, 4]
+    assert all(isinstance(r["loss"], float) for r in rows)
+    logged = [r for r in rows if r["step"] in (3, 4)]
     for key in ("lr", "grad_norm", "tokens_per_s", "memory_gb", "tokens_seen"):
-        assert all(r[key] is not None for r in steps)
-    assert steps[-1]["tokens_seen"] == 4 * 4 * 32
+        assert all(r[key] is not None for r in logged), key
+    assert logged[-1]["tokens_seen"] == 4 * 4 * 32
     assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
     for name in ("config.toml", "tokenizer.json", "train.log", "checkpoints/latest"):
         assert (s.run_dir / name).is_file(), name

@@ -206,47 +206,43 @@ def _train(cfg: Config, env: denv.DistEnv) -> Summary:
             samples_seen += global_batch
             window_steps += 1
 
-            if step % cfg.log.interval == 0 or step == end:
+            is_log = step % cfg.log.interval == 0 or step == end
+            is_eval = val_sampler is not None and (step % cfg.eval.interval == 0 or step == end)
+            if is_log or is_eval:  # one metrics line per step, always with step and loss
                 last_loss = denv.all_reduce_mean(env, loss_sum / accum).item()
+                record: dict = {"loss": round(last_loss, 5)}
+            if is_log:
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = tokens_per_step * window_steps / elapsed
-                values = {
-                    "loss": round(last_loss, 5),
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": round(grad_norm.item(), 5),
-                    "tokens_per_s": round(tokens_per_s, 1),
-                    "tokens_per_s_per_device": round(tokens_per_s / dp, 1),
-                    "mfu": round(flops_per_token * tokens_per_s / (peak * dp), 4) if peak else None,
-                    "memory_gb": round(peak_memory_gb(device), 3),
-                    "tokens_seen": samples_seen * cfg.data.seq_len,
-                }
-                metrics.write(step, values)
+                record.update(
+                    lr=scheduler.get_last_lr()[0],
+                    grad_norm=round(grad_norm.item(), 5),
+                    tokens_per_s=round(tokens_per_s, 1),
+                    tokens_per_s_per_device=round(tokens_per_s / dp, 1),
+                    mfu=round(flops_per_token * tokens_per_s / (peak * dp), 4) if peak else None,
+                    memory_gb=round(peak_memory_gb(device), 3),
+                    tokens_seen=samples_seen * cfg.data.seq_len,
+                )
                 eta = (tc.steps - step) * elapsed / window_steps
-                line = (
-                    f"step {step}/{tc.steps} | loss {last_loss:.4f} | lr {values['lr']:.2e} "
-                    f"| grad {values['grad_norm']:.3f} "
-                    f"| {tokens_per_s:,.0f} tok/s"
-                    + (f" | mfu {values['mfu']:.1%}" if peak else "")
-                    + f" | {values['memory_gb']:.2f} GB | eta {eta:.0f}s"
+                log.info(
+                    f"step {step}/{tc.steps} | loss {last_loss:.4f} | lr {record['lr']:.2e} "
+                    f"| grad {record['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s"
+                    + (f" | mfu {record['mfu']:.1%}" if peak else "")
+                    + f" | {record['memory_gb']:.2f} GB | eta {eta:.0f}s"
                 )
                 progress.update(step, f"loss {last_loss:.3f}")
-                log.info(line)
                 window_start, window_steps = time.perf_counter(), 0
-
-            if val_sampler and (step % cfg.eval.interval == 0 or step == end):
+            if is_eval:
                 val_loss, n = validation_loss(
                     model, val_sampler, cfg.eval.batches, tc.micro_batch, env, autocast
                 )
-                metrics.write(
-                    step, {"val_loss": round(val_loss, 5), "val_ppl": round(perplexity(val_loss), 3)}
-                )
+                record.update(val_loss=round(val_loss, 5), val_ppl=round(perplexity(val_loss), 3))
                 log.info(
-                    "step %d | validation loss %.4f | perplexity %.2f | %d tokens",
-                    step,
-                    val_loss,
-                    perplexity(val_loss),
-                    n,
+                    f"step {step} | validation loss {val_loss:.4f} | perplexity {perplexity(val_loss):.2f} "
+                    f"| {n} tokens"
                 )
+            if is_log or is_eval:
+                metrics.write(step, record)
 
             if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == end:
                 t = time.perf_counter()
