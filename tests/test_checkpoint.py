@@ -132,6 +132,18 @@ def test_changed_model_shape_is_refused_naming_keys(tiny_config, tmp_path: Path)
     assert r.returncode == 2 and "model.d_model" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_resume_on_data_with_another_tokenizer_is_refused(tiny_config, tmp_path: Path):
+    from stratus.data.prepare import prepare
+    from tests.conftest import write_corpus
+
+    s = train(tiny_config(train__steps=2))
+    other = tmp_path / "other"
+    prepare([str(write_corpus(tmp_path / "c", 30))], other, vocab_size=310, say=lambda _: None)
+    with pytest.raises(StratusError, match="tokenizer differs"):
+        train(tiny_config(train__steps=4, data__path=str(other)))
+    assert (s.run_dir / "config.toml").read_text().count(str(other)) == 0  # nothing rewritten
+
+
 def test_resume_never_refuses_existing_run(tiny_config):
     train(tiny_config(train__steps=2))
     with pytest.raises(StratusError, match="already has a checkpoint"):

@@ -27,7 +27,7 @@ from stratus.checkpoint.manager import CheckpointManager, check_same_model
 from stratus.checkpoint.manifest import read_manifest as read_ckpt_manifest
 from stratus.config import Config, to_toml
 from stratus.data.loader import Sampler, TokenSplit, rank_micro_batches
-from stratus.data.manifest import read_manifest
+from stratus.data.manifest import read_manifest, sha256_file
 from stratus.distributed import env as denv
 from stratus.distributed.parallelize import parallelize
 from stratus.errors import StratusError
@@ -96,6 +96,16 @@ def _prepare_run_dir(cfg: Config, env: denv.DistEnv, data_dir: Path) -> Path:
     return run
 
 
+def _check_same_tokenizer(run: Path, data_manifest: dict) -> None:
+    """A run continues only on data tokenized with the tokenizer it was trained with."""
+    ours = run / "tokenizer.json"
+    if ours.is_file() and sha256_file(ours) != data_manifest["tokenizer"]["sha256"]:
+        raise StratusError(
+            f"data.path's tokenizer differs from the one {run} was trained with: "
+            "resume with the run's data, or start a new run.dir"
+        )
+
+
 def _train(cfg: Config, env: denv.DistEnv) -> Summary:
     tc = cfg.train
     data_dir = Path(cfg.data.path)
@@ -117,6 +127,8 @@ def _train(cfg: Config, env: denv.DistEnv) -> Summary:
             TokenSplit(data_dir, "val", verify=cfg.data.verify), cfg.data.seq_len, tc.seed, shuffle=False
         )
 
+    rich = use_rich(cfg.log.progress)
+    setup_logging(None, env.rank, rich)  # the console, until the run directory is ready
     ckpt = CheckpointManager(
         Path(cfg.run.dir) / "checkpoints", env, cfg.checkpoint.keep, cfg.checkpoint.keep_every
     )
@@ -128,9 +140,9 @@ def _train(cfg: Config, env: denv.DistEnv) -> Summary:
         )
     if found:
         check_same_model(read_ckpt_manifest(found[1])["model"], cfg.model.model_dump(), found[1])
+        _check_same_tokenizer(Path(cfg.run.dir), data_manifest)
 
     run = _prepare_run_dir(cfg, env, data_dir)
-    rich = use_rich(cfg.log.progress)
     console = setup_logging(run, env.rank, rich)
     set_determinism(tc.seed, tc.deterministic)
     if tc.threads:
