@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from stratus.errors import StratusError
@@ -65,6 +66,8 @@ def cmd_train(args, overrides):
     from stratus.train.loop import train
 
     s = train(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return  # one voice: rank 0 speaks for the job
     if s.loss is not None and s.unigram_baseline:
         print(
             f"final loss {s.loss:.3f} nats/token vs unigram baseline {s.unigram_baseline:.3f}"
@@ -227,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             raise StratusError(f"{overrides[0]}: config overrides apply to `train` and `config show` only")
         args.func(args, overrides)
     except StratusError as e:
-        print(f"stratus: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank fails alike; rank 0 says why
+            print(f"stratus: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("stratus: interrupted", file=sys.stderr)

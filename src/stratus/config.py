@@ -125,7 +125,7 @@ class TrainConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="compute dtype; auto = bf16 autocast on GPU, fp32 on CPU"
     )
-    compile: bool = Field(False, description="torch.compile the model")
+    compile: bool = Field(False, description="torch.compile each transformer block")
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
 
     @model_validator(mode="after")
@@ -134,6 +134,46 @@ class TrainConfig(Section):
             raise ValueError(f"train.stop_at ({self.stop_at}) is beyond train.steps ({self.steps})")
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+        return self
+
+
+class ParallelConfig(Section):
+    """How ranks share the work: data parallel (replicated x sharded) x tensor parallel."""
+
+    dp_replicate: int = Field(
+        1,
+        ge=1,
+        description="data-parallel replicas (HSDP's replicate degree): groups that hold whole copies of the sharded state",
+    )
+    dp_shard: int = Field(
+        -1,
+        ge=-1,
+        description="FSDP shard degree: ranks that split parameters, gradients and optimizer state; -1 = the ranks left over",
+    )
+    tp: int = Field(
+        1,
+        ge=1,
+        description="tensor-parallel degree (with sequence parallelism); must divide the heads, KV heads and MLP width; keep it within a node",
+    )
+    pp: int = Field(
+        1, ge=1, le=1, description="pipeline-parallel degree (reserved: 1 until pipelining arrives)"
+    )
+    loss_parallel: bool = Field(
+        False,
+        description="with tp > 1, compute the loss on vocabulary-sharded logits instead of gathering them",
+    )
+    activation_checkpoint: Literal["none", "selective", "full"] = Field(
+        "none",
+        description="recompute activations in backward: none, selective (keep matmul and attention outputs), full (every block)",
+    )
+    timeout_s: float = Field(
+        600.0, gt=0, description="seconds before process-group set-up or a collective is declared hung"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParallelConfig:
+        if self.dp_shard == 0:
+            raise ValueError("parallel.dp_shard must be -1 (the ranks left over) or at least 1")
         return self
 
 
@@ -177,6 +217,7 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     log: LogConfig = Field(default_factory=LogConfig)

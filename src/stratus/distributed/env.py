@@ -72,3 +72,11 @@ def all_reduce_mean(env: DistEnv, value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= env.world_size
     return value
+
+
+def all_reduce_max(env: DistEnv, value: float) -> float:
+    if not env.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()

@@ -1,19 +1,139 @@
-"""Applies data parallelism to the unchanged model.
+"""Parallelism applied to the unchanged model, in torchtitan's order: tensor + sequence
+parallel, activation checkpointing, per-block compile, then FSDP2 (HSDP when replicated).
 
-For now: plain replication (DDP) when the job has more than one rank. FSDP2, HSDP and
-tensor/sequence parallelism from a [parallel] config section replace this in one place.
+The model's submodule names are the plan: column-wise q/k/v and w1/w3, row-wise wo and w2
+whose outputs are sharded along the sequence, sequence-parallel norms, a vocabulary-sharded
+output (gathered, or kept sharded for loss parallelism).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from stratus.distributed.env import DistEnv
+from stratus.config import ParallelConfig
+from stratus.distributed.layout import Layout
+
+# Selective recompute keeps the outputs of the expensive ops and recomputes the cheap
+# elementwise ones (norms, activations, RoPE) in backward (torchtitan's op-level policy).
+_SAVE = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
 
 
-def parallelize(model: nn.Module, env: DistEnv) -> nn.Module:
-    if env.world_size == 1 or not env.distributed:
-        return model
-    ids = [env.device.index] if env.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+def build_mesh(layout: Layout, device_type: str) -> DeviceMesh:
+    return init_device_mesh(
+        device_type,
+        (layout.dp_replicate, layout.dp_shard, layout.tp),
+        mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
+    )
+
+
+def parallelize(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    layout: Layout,
+    pc: ParallelConfig,
+    compile_blocks: bool = False,
+    param_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Shard the model over the mesh in place and return it."""
+    if layout.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], pc.loss_parallel)
+    if pc.activation_checkpoint != "none":
+        apply_activation_checkpointing(model, pc.activation_checkpoint)
+    if compile_blocks:
+        for block in model.layers.values():
+            block.compile()
+    if layout.dp > 1:
+        dims = ("dp_replicate", "dp_shard") if layout.dp_replicate > 1 else ("dp_shard",)
+        apply_fsdp(model, mesh[dims], param_dtype)
+    return model
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
+    tied = model.output.weight is model.tok_embeddings.weight
+    parallelize_module(
+        model,
+        tp_mesh,
+        {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            "norm": SequenceParallel(),
+            "output": ColwiseParallel(
+                input_layouts=Shard(1),
+                output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                use_local_output=not loss_parallel,
+            ),
+        },
+    )
+    if tied:  # both weights are sharded along the vocabulary: share the one DTensor again
+        model.output.weight = model.tok_embeddings.weight
+    # Attention is called as attention(x, cos, sin, cache, layer, start): only x is sharded.
+    attention_inputs = (Shard(1), None, None, None, None, None)
+    for block in model.layers.values():
+        parallelize_module(
+            block,
+            tp_mesh,
+            {
+                "attention_norm": SequenceParallel(),
+                "attention": PrepareModuleInput(
+                    input_layouts=attention_inputs,
+                    desired_input_layouts=(Replicate(), None, None, None, None, None),
+                ),
+                "attention.wq": ColwiseParallel(),
+                "attention.wk": ColwiseParallel(),
+                "attention.wv": ColwiseParallel(),
+                "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+                "ffn_norm": SequenceParallel(),
+                "feed_forward": PrepareModuleInput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                ),
+                "feed_forward.w1": ColwiseParallel(),
+                "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            },
+        )
+
+
+def _selective_policy():
+    def policy(ctx, op, *args, **kwargs):
+        # recompute every other matmul would save more memory; keeping all is the simple,
+        # fast end of selective recompute
+        return CheckpointPolicy.MUST_SAVE if op in _SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    for name, block in list(model.layers.items()):
+        if mode == "full":
+            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+        else:
+            model.layers[name] = checkpoint_wrapper(
+                block, preserve_rng_state=False, context_fn=_selective_policy
+            )
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None) -> None:
+    """FSDP2 per block, then the root (embeddings, final norm, output). With bf16 parameters
+    the gradients are still reduced in fp32."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp)

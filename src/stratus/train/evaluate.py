@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from stratus.data.loader import Sampler
 from stratus.distributed.env import DistEnv
@@ -21,21 +22,31 @@ def validation_loss(
     batches: int,
     micro_batch: int,
     env: DistEnv,
+    dp_rank: int = 0,
+    dp_size: int = 1,
     autocast: contextlib.AbstractContextManager | None = None,
+    loss_context=contextlib.nullcontext,
 ) -> tuple[float, int]:
     """Mean next-token loss (nats) over the first `batches` x micro_batch windows of the split
     (fewer if the split is smaller), and the number of tokens it covered."""
     was_training = model.training
     model.eval()
     n = min(batches * micro_batch, sampler.n_windows)
+    n_batches = -(-n // micro_batch)
     total = torch.zeros(2, dtype=torch.float64, device=env.device)  # (loss sum, tokens)
-    for first in range(env.rank * micro_batch, n, env.world_size * micro_batch):
-        x, y = sampler.batch(first, min(micro_batch, n - first))
-        x, y = x.to(env.device), y.to(env.device)
-        with autocast or contextlib.nullcontext():
-            logits = model(x)
-        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-        total[1] += y.numel()
+    # Every rank runs the same number of forward passes (FSDP and TP all-gather inside
+    # them); a rank with no batch left in the last round repeats batch 0 and ignores it.
+    for round_ in range(-(-n_batches // dp_size)):
+        b = round_ * dp_size + dp_rank
+        first = (b if b < n_batches else 0) * micro_batch
+        x, y = (t.to(env.device) for t in sampler.batch(first, min(micro_batch, n - first)))
+        with loss_context():
+            with autocast or contextlib.nullcontext():
+                logits = model(x)
+            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        if b < n_batches:
+            total[0] += (loss_sum.full_tensor() if isinstance(loss_sum, DTensor) else loss_sum).double()
+            total[1] += y.numel()
     if env.distributed:
         dist.all_reduce(total)
     model.train(was_training)
@@ -76,7 +87,7 @@ def evaluate_trained(
     sampler = Sampler(split, seq_len, seed=0, shuffle=False)
     env = DistEnv(0, 1, 0, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-    loss, tokens = validation_loss(trained.model, sampler, batches, micro_batch, env, autocast)
+    loss, tokens = validation_loss(trained.model, sampler, batches, micro_batch, env, autocast=autocast)
     return {
         "step": trained.step,
         "checkpoint": str(trained.source),

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from stratus.checkpoint.manager import CheckpointManager, check_same_model
 from stratus.checkpoint.manifest import read_manifest as read_ckpt_manifest
@@ -29,7 +31,8 @@ from stratus.config import Config, to_toml
 from stratus.data.loader import Sampler, TokenSplit, rank_micro_batches
 from stratus.data.manifest import read_manifest, sha256_file
 from stratus.distributed import env as denv
-from stratus.distributed.parallelize import parallelize
+from stratus.distributed.layout import Layout, resolve_layout
+from stratus.distributed.parallelize import build_mesh, parallelize
 from stratus.errors import StratusError
 from stratus.model import Transformer
 from stratus.train.console import StepProgress, setup_logging, use_rich
@@ -76,17 +79,21 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 
 
 def train(cfg: Config) -> Summary:
-    env = denv.setup(cfg.train.device)
+    # Checked on every rank before any collective: a bad layout fails fast everywhere.
+    layout = resolve_layout(cfg.parallel, int(os.environ.get("WORLD_SIZE", 1)), cfg.model)
+    env = denv.setup(cfg.train.device, cfg.parallel.timeout_s)
     try:
-        return _train(cfg, env)
+        return _train(cfg, env, layout)
     finally:
         denv.teardown()
 
 
 def _prepare_run_dir(cfg: Config, env: denv.DistEnv, data_dir: Path) -> Path:
     run = Path(cfg.run.dir)
+    # Every rank needs the directory for its own log; on several nodes it must be shared
+    # storage (checkpoints are written by all ranks into one DCP directory).
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     if env.is_main:
-        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
         tmp = run / ".config.toml.tmp"
         tmp.write_text(to_toml(cfg))
         os.replace(tmp, run / "config.toml")
@@ -106,17 +113,17 @@ def _check_same_tokenizer(run: Path, data_manifest: dict) -> None:
         )
 
 
-def _train(cfg: Config, env: denv.DistEnv) -> Summary:
+def _train(cfg: Config, env: denv.DistEnv, layout: Layout) -> Summary:
     tc = cfg.train
     data_dir = Path(cfg.data.path)
     data_manifest = read_manifest(data_dir)
     cfg = resolve_vocab(cfg, int(data_manifest["tokenizer"]["vocab_size"]))
-    dp = env.world_size
+    dp, dp_rank = layout.dp, layout.dp_rank(env.rank)
     global_batch = tc.global_batch or tc.micro_batch * dp
     if global_batch % (tc.micro_batch * dp):
         raise StratusError(
-            f"train.global_batch ({global_batch}) must be a multiple of train.micro_batch x ranks "
-            f"({tc.micro_batch} x {dp} = {tc.micro_batch * dp})"
+            f"train.global_batch ({global_batch}) must be a multiple of train.micro_batch x data-parallel "
+            f"ranks ({tc.micro_batch} x {dp} = {tc.micro_batch * dp})"
         )
     accum = global_batch // (tc.micro_batch * dp)
     train_split = TokenSplit(data_dir, "train", verify=cfg.data.verify)
@@ -154,15 +161,20 @@ def _train(cfg: Config, env: denv.DistEnv) -> Summary:
         if (tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda"))
         else torch.float32
     )
+    # FSDP casts parameters to bf16 itself (and reduces in fp32); elsewhere autocast does.
+    fsdp_casts = dtype != torch.float32 and layout.dp > 1
     autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        torch.autocast(device.type, dtype=dtype)
+        if dtype != torch.float32 and not fsdp_casts
+        else contextlib.nullcontext()
     )
 
-    model = Transformer(cfg.model).to(device)
-    model = parallelize(model, env)
+    model = Transformer(cfg.model).to(device)  # the same seed on every rank: the same init
+    mesh = build_mesh(layout, device.type) if env.world_size > 1 else None
+    parallelize(model, mesh, layout, cfg.parallel, tc.compile, torch.bfloat16 if fsdp_casts else None)
     optimizer = build_optimizer(model, tc, device)
     scheduler = build_scheduler(optimizer, tc)
-    forward = torch.compile(model) if tc.compile else model
+    loss_context = loss_parallel if cfg.parallel.loss_parallel else contextlib.nullcontext
 
     step, samples_seen, resumed_from = 0, 0, None
     if found:
@@ -172,16 +184,18 @@ def _train(cfg: Config, env: denv.DistEnv) -> Summary:
         resumed_from = step
         log.info("resumed from %s (step %d, %d samples seen)", found[1], step, samples_seen)
 
-    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     tokens_per_step = global_batch * cfg.data.seq_len
-    flops_per_token = core.flops_per_token(cfg.data.seq_len)
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
     peak = device_peak_flops(device, dtype, cfg.log.peak_tflops)
     unigram = data_manifest["splits"]["train"].get("unigram_entropy")
     log.info(
-        "model %.2fM parameters (%.2fM without embeddings) | %d ranks x %d micro batch x %d accumulation "
-        "= %d sequences of %d tokens per step | device %s %s | unigram baseline %s nats",
-        core.num_params() / 1e6,
-        core.num_params(False) / 1e6,
+        "model %.2fM parameters (%.2fM without embeddings) | %d ranks (%s) | %d data-parallel x %d "
+        "micro batch x %d accumulation = %d sequences of %d tokens per step | device %s %s "
+        "| unigram baseline %s nats",
+        model.num_params() / 1e6,
+        model.num_params(False) / 1e6,
+        env.world_size,
+        layout.describe(),
         dp,
         tc.micro_batch,
         accum,
@@ -201,16 +215,18 @@ def _train(cfg: Config, env: denv.DistEnv) -> Summary:
     try:
         while step < end:
             loss_sum = torch.zeros((), device=device)
-            micro = rank_micro_batches(samples_seen, global_batch, tc.micro_batch, env.rank, dp)
+            micro = rank_micro_batches(samples_seen, global_batch, tc.micro_batch, dp_rank, dp)
             for i, (first, count) in enumerate(micro):
                 x, y = (t.to(device, non_blocking=True) for t in sampler.batch(first, count))
-                sync = i == len(micro) - 1
-                with _maybe_no_sync(model, sync), autocast:
-                    logits = forward(x)  # (micro_batch, seq, vocab)
+                if isinstance(model, FSDPModule):  # reduce gradients once, after the last micro batch
+                    model.set_requires_gradient_sync(i == len(micro) - 1)
+                with loss_context():
+                    with autocast:
+                        logits = model(x)  # (micro_batch, seq, vocab)
                     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                (loss / accum).backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
+                    (loss / accum).backward()
+                loss_sum += _local(loss.detach())
+            grad_norm = _local(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -232,7 +248,7 @@ def _train(cfg: Config, env: denv.DistEnv) -> Summary:
                     tokens_per_s=round(tokens_per_s, 1),
                     tokens_per_s_per_device=round(tokens_per_s / dp, 1),
                     mfu=round(flops_per_token * tokens_per_s / (peak * dp), 4) if peak else None,
-                    memory_gb=round(peak_memory_gb(device), 3),
+                    memory_gb=round(denv.all_reduce_max(env, peak_memory_gb(device)), 3),
                     tokens_seen=samples_seen * cfg.data.seq_len,
                 )
                 eta = (tc.steps - step) * elapsed / window_steps
@@ -246,7 +262,15 @@ def _train(cfg: Config, env: denv.DistEnv) -> Summary:
                 window_start, window_steps = time.perf_counter(), 0
             if is_eval:
                 val_loss, n = validation_loss(
-                    model, val_sampler, cfg.eval.batches, tc.micro_batch, env, autocast
+                    model,
+                    val_sampler,
+                    cfg.eval.batches,
+                    tc.micro_batch,
+                    env,
+                    dp_rank,
+                    dp,
+                    autocast,
+                    loss_context,
                 )
                 record.update(val_loss=round(val_loss, 5), val_ppl=round(perplexity(val_loss), 3))
                 log.info(
@@ -281,8 +305,6 @@ def _train(cfg: Config, env: denv.DistEnv) -> Summary:
     return Summary(run, step, last_loss, val_loss, unigram, resumed_from)
 
 
-def _maybe_no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """Skip the gradient all-reduce on all but the last micro batch of an accumulation."""
-    if not sync and isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.no_sync()
-    return contextlib.nullcontext()
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The full value of a DTensor (a replicated loss or norm), or the tensor itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t

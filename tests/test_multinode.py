@@ -1,0 +1,247 @@
+"""Two nodes for real: two network namespaces joined by a veth pair, each running its own
+`torchrun --nnodes 2` (c10d rendezvous, gloo over the veth), training one job whose losses
+must equal those of one process reading the whole global batch.
+
+Needs root, iproute2 (`ip`) and permission to create network namespaces; skipped otherwise.
+All traffic stays on the private /24 between the two namespaces this test creates (they have
+no route anywhere else) and on their own loopback devices. Both "nodes" share the host's
+filesystem, so they are given the same run directory, as a cluster with a shared filesystem
+would: rank 0 writes config.toml, metrics.jsonl and train.log there, rank 1 train.rank1.log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, metrics, run_cli
+
+SUBNET = "10.213.47"  # private, exists only between the two namespaces below
+PORT = 29431  # rendezvous port on node 0; free, as the namespace is new
+TIMEOUT_S = 180  # every subprocess, each node included
+NETNS_ETC = Path("/etc/netns")
+
+CONFIG = """
+[model]
+n_layers = 2
+d_model = 32
+n_heads = 4
+max_seq_len = 64
+
+[data]
+path = "{data}"
+seq_len = 32
+
+[train]
+steps = 3
+global_batch = 8
+micro_batch = 4
+lr = 3e-3
+warmup_steps = 2
+deterministic = true
+
+[checkpoint]
+interval = 0
+
+[eval]
+interval = 0
+
+[log]
+interval = 1
+tensorboard = false
+progress = "plain"
+"""
+
+
+@dataclass(frozen=True)
+class Node:
+    netns: str
+    ifname: str
+    addr: str
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+
+
+def _kill_everything_in(netns: str) -> None:
+    """SIGKILL each process still inside a namespace this test created (by pid)."""
+    r = _ip("netns", "pids", netns)
+    for pid in r.stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """Two fresh network namespaces with `lo` up and a veth pair between them; removed (with
+    anything left running inside) at teardown, whatever the test did."""
+    if shutil.which("ip") is None:
+        pytest.skip("network namespaces unavailable: `ip` (iproute2) is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces unavailable: needs root")
+    tag = f"stratus-mn{os.getpid()}"
+    nodes = [Node(f"{tag}-{i}", f"smn{i}", f"{SUBNET}.{i + 1}") for i in range(2)]
+    created: list[str] = []
+    try:
+        for node in nodes:
+            r = _ip("netns", "add", node.netns)
+            if r.returncode != 0:
+                pytest.skip(f"network namespaces unavailable: ip netns add: {r.stderr.strip()}")
+            created.append(node.netns)
+            _private_name_resolution(node, nodes)
+        a, b = nodes
+        steps = [
+            # created inside node 0's namespace, its peer inside node 1's: never in the host's
+            f"-n {a.netns} link add {a.ifname} type veth peer name {b.ifname} netns {b.netns}".split(),
+            *(f"-n {n.netns} addr add {n.addr}/24 dev {n.ifname}".split() for n in nodes),
+            *(f"-n {n.netns} link set {dev} up".split() for n in nodes for dev in ("lo", n.ifname)),
+        ]
+        for step in steps:
+            r = _ip(*step)
+            if r.returncode != 0:
+                pytest.skip(f"network namespaces unavailable: ip {' '.join(step)}: {r.stderr.strip()}")
+        yield nodes
+    finally:
+        for netns in created:
+            _kill_everything_in(netns)
+            _ip("netns", "delete", netns)  # takes the veth pair with it
+            shutil.rmtree(NETNS_ETC / netns, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            NETNS_ETC.rmdir()  # only when empty, as it was before
+
+
+def _private_name_resolution(node: Node, nodes: list[Node]) -> None:
+    """`ip netns exec` mounts /etc/netns/NAME/* over /etc: the nodes' own hosts file names
+    both, so the (reverse) lookups torch makes are answered locally, and no nameserver is
+    configured. Best effort: without it the lookups still fail inside the namespace, which
+    has no route out, and torch only warns."""
+    try:
+        (NETNS_ETC / node.netns).mkdir(parents=True)
+        # torch's sockets are dual-stack: peers appear as IPv4-mapped IPv6 addresses too
+        names = [(a, f"node{i}") for i, n in enumerate(nodes) for a in (n.addr, f"::ffff:{n.addr}")]
+        hosts = "".join(
+            f"{a} {name}\n" for a, name in [("127.0.0.1", "localhost"), ("::1", "localhost"), *names]
+        )
+        (NETNS_ETC / node.netns / "hosts").write_text(hosts)
+        (NETNS_ETC / node.netns / "resolv.conf").write_text("# no nameserver: only the hosts file\n")
+    except OSError:
+        pass
+
+
+def _veth_bytes(node: Node) -> tuple[int, int]:
+    """(received, sent) bytes on a node's veth end."""
+    r = _ip("-n", node.netns, "-s", "-j", "link", "show", node.ifname)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)[0]["stats64"]
+    return stats["rx"]["bytes"], stats["tx"]["bytes"]
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else "(no output)"
+
+
+def test_two_nodes_over_veth_match_one_process(two_nodes, tiny_data: Path, tmp_path: Path):
+    """Each namespace is a node running its own torchrun agent with one worker; they meet
+    through a c10d rendezvous on node 0's veth address, form a world of two, and gloo averages
+    their halves of the global batch over the veth. The losses must equal a single process
+    reading all 8 sequences at once."""
+    config = tmp_path / "tiny.toml"
+    config.write_text(CONFIG.format(data=tiny_data))
+
+    one = run_cli(
+        "train", str(config), f"--run.dir={tmp_path / 'one'}", "--train.micro_batch=8", timeout=TIMEOUT_S
+    )
+    assert one.returncode == 0, one.stderr[-3000:] + one.stdout[-3000:]
+
+    run = tmp_path / "two-nodes"  # the same path on both nodes: the shared filesystem
+    before = [_veth_bytes(n) for n in two_nodes]
+    procs: list[subprocess.Popen] = []
+    outs = [tmp_path / f"node{i}.out" for i in range(2)]
+    try:
+        for rank, (node, out) in enumerate(zip(two_nodes, outs, strict=True)):
+            torchrun = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={rank}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={two_nodes[0].addr}:{PORT}",
+                f"--rdzv-id=stratus-multinode-{os.getpid()}",
+                # the endpoint is not the machine's hostname, so say which node hosts the store
+                f"--rdzv-conf=is_host={int(rank == 0)},join_timeout={TIMEOUT_S - 30}",
+                f"--local-addr={node.addr}",  # the address the other node reaches this one at
+                "--max-restarts=0",
+                "-m",
+                "stratus",
+                "train",
+                str(config),
+                f"--run.dir={run}",
+                "--train.micro_batch=4",
+            ]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": node.ifname}
+            with out.open("w") as f:
+                procs.append(
+                    subprocess.Popen(
+                        ["ip", "netns", "exec", node.netns, *torchrun],
+                        cwd=ROOT,
+                        env=env,
+                        stdout=f,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        deadline = time.monotonic() + TIMEOUT_S
+        codes: list[int | None] = []
+        for p in procs:
+            try:
+                codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append(None)  # killed below; reported with the nodes' output
+    finally:
+        for p in procs:
+            if p.poll() is None:  # a failure or a timeout: stop both nodes, workers included
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=15)
+
+    logs = "\n".join(f"--- node {i} ---\n{_tail(out)}" for i, out in enumerate(outs))
+    assert codes == [0, 0], logs
+
+    # ranks follow the nodes' addresses: node 0 is rank 0, the one that prints and writes metrics
+    assert "[rank0] " in outs[0].read_text(), logs
+    # both nodes joined one world of two: each rank logged the layout to its own file
+    rank_logs = [run / "train.log", run / "train.rank1.log"]
+    for log in rank_logs:
+        assert log.is_file(), logs
+        text = log.read_text()
+        assert re.search(r"\b2 ranks\b", text) and "= 8 sequences" in text, _tail(log)
+
+    # the collectives went over the veth, in both directions
+    after = [_veth_bytes(n) for n in two_nodes]
+    for i, (b, a) in enumerate(zip(before, after, strict=True)):
+        received, sent = a[0] - b[0], a[1] - b[1]
+        assert received > 100_000 and sent > 100_000, f"node {i}: {received} B in, {sent} B out"
+
+    ref, got = metrics(tmp_path / "one"), metrics(run)
+    assert [m["step"] for m in got] == [1, 2, 3]
+    for ra, rb in zip(ref, got, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)

@@ -1,0 +1,167 @@
+"""Data, FSDP, HSDP and tensor parallelism on real gloo ranks under torchrun: every layout
+computes the same training as one process, checkpoints reshard between layouts, and a bad
+layout fails fast on every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stratus.checkpoint.load import load_trained
+from stratus.config import ParallelConfig, load_config
+from stratus.distributed.layout import resolve_layout
+from stratus.errors import StratusError
+from tests.conftest import ROOT, metrics
+
+TINY = [
+    "--model.n_layers=2",
+    "--model.d_model=32",
+    "--model.n_heads=4",
+    "--model.n_kv_heads=2",
+    "--model.max_seq_len=64",
+    "--data.seq_len=32",
+    "--train.lr=3e-3",
+    "--train.warmup_steps=1",
+    "--train.global_batch=8",
+    "--log.interval=1",
+    "--log.tensorboard=false",
+    "--eval.interval=0",
+    "--train.deterministic=true",
+]
+
+
+def torchrun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "stratus", *args]
+    if n > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={n}",
+            "-m",
+            "stratus",
+            *args,
+        ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def train_run(n: int, run: Path, data: Path, *args: str) -> list[dict]:
+    r = torchrun(n, "train", f"--data.path={data}", f"--run.dir={run}", *TINY, *args)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    return metrics(run)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data: Path, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ref") / "run"
+    train_run(1, run, tiny_data, "--train.micro_batch=8", "--train.steps=4", "--checkpoint.interval=2")
+    return run
+
+
+EVAL = ["--eval.interval=4", "--eval.batches=5"]
+LAYOUTS = {
+    "dp_replicate2": (2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--train.micro_batch=4"]),
+    "dp_shard2": (2, ["--parallel.dp_shard=2", "--train.micro_batch=4"]),
+    "tp2": (2, ["--parallel.tp=2", "--train.micro_batch=8"]),
+    # validation inside these runs covers 5 micro batches of 4: uneven over 2 data-parallel ranks
+    "dp_shard2_tp2": (4, ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.micro_batch=4", *EVAL]),
+    "tp2_loss_parallel": (
+        2,
+        ["--parallel.tp=2", "--parallel.loss_parallel=true", "--train.micro_batch=4", *EVAL],
+    ),
+    "dp_shard2_selective_ac": (
+        2,
+        ["--parallel.dp_shard=2", "--parallel.activation_checkpoint=selective", "--train.micro_batch=4"],
+    ),
+    "one_rank_full_ac_accumulation": (1, ["--parallel.activation_checkpoint=full", "--train.micro_batch=2"]),
+}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layout_trains_like_one_process(name, reference: Path, tiny_data: Path, tmp_path: Path):
+    n, args = LAYOUTS[name]
+    rows = train_run(n, tmp_path / name, tiny_data, *args, "--train.steps=4", "--checkpoint.interval=4")
+    ref = metrics(reference)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for a, b in zip(ref, rows, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+    if "--eval.interval=4" in args:  # the sharded validation equals one process's over the same windows
+        r = torchrun(1, "eval", str(tmp_path / name), "--batches=5", "--micro-batch=4", "--json")
+        assert r.returncode == 0, r.stderr
+        assert rows[-1]["val_loss"] == pytest.approx(json.loads(r.stdout)["val_loss"], rel=1e-4)
+    # the sharded checkpoint loads whole in one process (DCP reshards) with the same weights
+    ours, theirs = (
+        load_trained(tmp_path / name).model.state_dict(),
+        load_trained(reference).model.state_dict(),
+    )
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_reshards_between_layouts(reference: Path, tiny_data: Path, tmp_path: Path):
+    """Saved under 4 ranks (dp_shard 2 x tp 2) at step 2, resumed under 2 ranks (dp_shard 2),
+    saved at 3, resumed under 1 rank to step 4: the same losses as the run never resharded."""
+    run = tmp_path / "resharded"
+    common = ["--train.steps=4", "--checkpoint.interval=1"]
+    train_run(
+        4,
+        run,
+        tiny_data,
+        "--parallel.dp_shard=2",
+        "--parallel.tp=2",
+        "--train.micro_batch=4",
+        "--train.stop_at=2",
+        *common,
+    )
+    train_run(
+        2, run, tiny_data, "--parallel.dp_shard=2", "--train.micro_batch=4", "--train.stop_at=3", *common
+    )
+    rows = train_run(1, run, tiny_data, "--train.micro_batch=8", *common)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for a, b in zip(metrics(reference), rows, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    ours, theirs = load_trained(run).model.state_dict(), load_trained(reference).model.state_dict()
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--parallel.dp_shard=3"], "parallel layout"),
+        (["--parallel.tp=3"], "parallel.dp_replicate x parallel.tp"),
+        (["--parallel.tp=2", "--model.n_kv_heads=1"], "model.n_kv_heads"),
+    ],
+)
+def test_bad_layout_fails_fast_on_every_rank(args, needle, tiny_data: Path, tmp_path: Path):
+    start = time.monotonic()
+    r = torchrun(2, "train", f"--data.path={tiny_data}", f"--run.dir={tmp_path / 'run'}", *TINY, *args)
+    assert r.returncode != 0
+    assert r.stderr.count("stratus: error: ") == 1, r.stderr[-3000:]  # rank 0 alone says why
+    assert needle in r.stderr
+    # torchrun prints its own summary of the failed ranks; no rank crashed inside stratus
+    assert "stratus/" not in r.stderr.split("stratus: error:")[1]
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "run").exists()
+
+
+def test_layout_resolution():
+    model = load_config(None, {"model.n_heads": 8, "model.d_model": 256}).model
+    assert resolve_layout(ParallelConfig(), 8, model).dp_shard == 8
+    layout = resolve_layout(ParallelConfig(dp_replicate=2, tp=2), 8, model)
+    assert (layout.dp_replicate, layout.dp_shard, layout.tp, layout.dp) == (2, 2, 2, 4)
+    assert [layout.dp_rank(r) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    with pytest.raises(StratusError, match="8 ranks, but the job has 4"):
+        resolve_layout(ParallelConfig(dp_shard=4, tp=2), 4, model)
+    with pytest.raises(StratusError, match="loss_parallel"):
+        resolve_layout(ParallelConfig(loss_parallel=True), 2, model)
