@@ -5,6 +5,7 @@ layout fails fast on every rank."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -165,3 +166,35 @@ def test_layout_resolution():
         resolve_layout(ParallelConfig(dp_shard=4, tp=2), 4, model)
     with pytest.raises(StratusError, match="loss_parallel"):
         resolve_layout(ParallelConfig(loss_parallel=True), 2, model)
+
+
+def test_meta_init_initializes_each_shard_in_place(tiny_data: Path, tmp_path: Path):
+    """With parallel.init = meta no rank ever holds the whole model: shapes are built on the
+    meta device, sharded (FSDP x TP), then each shard is initialized where it lives."""
+    run = tmp_path / "meta"
+    rows = train_run(
+        4,
+        run,
+        tiny_data,
+        "--parallel.dp_shard=2",
+        "--parallel.tp=2",
+        "--parallel.init=meta",
+        "--train.micro_batch=4",
+        "--train.steps=2",
+        "--train.lr=1e-7",
+        "--train.min_lr=0",
+        "--checkpoint.interval=2",
+    )
+    assert rows[0]["loss"] == pytest.approx(math.log(320), rel=0.05)  # a proper init: near uniform
+    weights = load_trained(run).model.state_dict()
+    std = 0.02
+    for name, w in weights.items():
+        if name.endswith("norm.weight"):
+            assert torch.allclose(w, torch.ones_like(w)), name
+        elif name.endswith(("wo.weight", "w2.weight")):
+            assert w.std().item() == pytest.approx(std / math.sqrt(2 * 2), rel=0.2), name
+        else:
+            assert w.std().item() == pytest.approx(std, rel=0.2), name
+    # shards were initialized independently, not as copies of one another
+    wq = weights["layers.0.attention.wq.weight"]
+    assert not torch.equal(wq[:16], wq[16:])

@@ -166,6 +166,10 @@ class ParallelConfig(Section):
         "none",
         description="recompute activations in backward: none, selective (keep matmul and attention outputs), full (every block)",
     )
+    init: Literal["auto", "full", "meta"] = Field(
+        "auto",
+        description="full = every rank builds the whole model from the seed, then shards it (identical in every layout); meta = shapes only, shard, then initialize each shard in place (for models larger than one device); auto = meta on GPU with more than one rank",
+    )
     timeout_s: float = Field(
         600.0, gt=0, description="seconds before process-group set-up or a collective is declared hung"
     )

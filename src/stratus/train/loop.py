@@ -169,9 +169,20 @@ def _train(cfg: Config, env: denv.DistEnv, layout: Layout) -> Summary:
         else contextlib.nullcontext()
     )
 
-    model = Transformer(cfg.model).to(device)  # the same seed on every rank: the same init
+    init = cfg.parallel.init
+    if init == "auto":
+        init = "meta" if device.type == "cuda" and env.world_size > 1 else "full"
+    with torch.device("meta" if init == "meta" else device):
+        model = Transformer(cfg.model)  # full: the same seed on every rank gives the same weights
     mesh = build_mesh(layout, device.type) if env.world_size > 1 else None
     parallelize(model, mesh, layout, cfg.parallel, tc.compile, torch.bfloat16 if fsdp_casts else None)
+    if init == "meta":  # allocate only this rank's shards, then initialize them in place
+        model.to_empty(device=device)
+        # Each shard draws its own numbers, and replicas (HSDP) draw the same ones: seed by
+        # the position inside the replica group. (DTensor's own offset-based RNG covers CUDA
+        # only; on other devices every shard would otherwise repeat the same values.)
+        torch.manual_seed(tc.seed + 1 + env.rank % (layout.dp_shard * layout.tp))
+        model.init_weights()
     optimizer = build_optimizer(model, tc, device)
     scheduler = build_scheduler(optimizer, tc)
     loss_context = loss_parallel if cfg.parallel.loss_parallel else contextlib.nullcontext

@@ -1,0 +1,398 @@
+"""Job files for a GPU cluster: an sbatch script (Slurm) or a Kubeflow PyTorchJob (Kubernetes).
+
+Both run `torchrun -m stratus train CONFIG` on every node with a c10d rendezvous on the first
+node, and set the environment that matters on 8-GPU nodes joined by InfiniBand, each variable
+with the reason it is there. Rendering is pure text; `write_launch` checks the inputs and the
+config first and writes the file atomically. docs/cluster.md walks through using them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import shlex
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stratus.errors import StratusError
+
+KINDS = {"slurm": ".sbatch", "k8s": ".yaml"}
+
+# Both names of the flight recorder's dump-file prefix: torch reads TORCH_NCCL_DEBUG_INFO_TEMP_FILE
+# (2.3 and later) and the newer TORCH_FR_DUMP_TEMP_FILE; each rank appends its global rank.
+FR_FILE_VARS = ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "TORCH_FR_DUMP_TEMP_FILE")
+
+# Why each variable is set; the job files carry these as comments.
+WHY = {
+    "NCCL_IB_HCA": "NCCL sends over the InfiniBand adapters whose names start with this; "
+    "name ports exactly (=mlx5_0,mlx5_1) to leave out a storage or Ethernet NIC",
+    "NCCL_SOCKET_IFNAME": "interfaces for NCCL's bootstrap and socket traffic: never loopback or a "
+    "container bridge; name the nodes' interface (ib0, bond0) if the default picks a wrong one",
+    "NCCL_DEBUG": "NCCL warnings and errors only; INFO once shows which transport (NET/IB or "
+    "NET/Socket) NCCL chose",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "a failed or timed-out collective ends the process (3 = without "
+    "aborting the communicator, which can itself hang, and keeps flight-recorder dumps working) so "
+    "torchrun restarts the group instead of the job hanging",
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "flight recorder: each rank keeps its last this-many collectives "
+    "in a ring buffer",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "on a collective timeout, every rank writes that buffer to a file, "
+    "the first thing to read after a hang",
+    "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": "flight-recorder dump prefix (each rank appends its rank), on "
+    "shared storage",
+    "TORCH_FR_DUMP_TEMP_FILE": "the same prefix under the name newer torch reads",
+    "TORCH_NCCL_ENABLE_MONITORING": "a monitor thread kills the process if NCCL's watchdog itself is "
+    "stuck in a CUDA or NCCL call, instead of holding the nodes idle",
+    "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": "seconds without a watchdog heartbeat before that monitor "
+    "kills the process (leaves time for the dump)",
+    "OMP_NUM_THREADS": "CPU threads per rank: the node's CPUs shared by its ranks (torchrun would set 1)",
+}
+
+NOT_SET = (
+    "CUDA_DEVICE_MAX_CONNECTIONS is left at CUDA's default: FSDP's all-gathers and reduce-scatters "
+    "run on their own streams and overlap compute only on separate hardware queues; the =1 that "
+    "Megatron-style tensor-parallel overlap wants would serialise them"
+)
+
+
+def nccl_env(ib_hca: str, socket_ifname: str, omp_threads: int, dump_prefix: str) -> dict[str, str]:
+    """The job environment, in the order the job files list it (names as in WHY)."""
+    return {
+        "NCCL_IB_HCA": ib_hca,
+        "NCCL_SOCKET_IFNAME": socket_ifname,
+        "NCCL_DEBUG": "WARN",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "20000",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": dump_prefix,
+        "TORCH_FR_DUMP_TEMP_FILE": dump_prefix,
+        "TORCH_NCCL_ENABLE_MONITORING": "1",
+        "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": "600",
+        "OMP_NUM_THREADS": str(omp_threads),
+    }
+
+
+def _check_shape(nodes: int, gpus_per_node: int) -> None:
+    if not isinstance(nodes, int) or nodes < 1:
+        raise StratusError(f"--nodes must be at least 1 (got {nodes!r})")
+    if not isinstance(gpus_per_node, int) or not 1 <= gpus_per_node <= 16:
+        raise StratusError(f"--gpus-per-node must be between 1 and 16 (got {gpus_per_node!r})")
+
+
+def _check_name(what: str, value: str, pattern: str, hint: str) -> None:
+    if not isinstance(value, str) or not re.fullmatch(pattern, value):
+        raise StratusError(f"{what} {value!r} is not allowed: {hint}")
+
+
+def _train_args(config: str, overrides: Sequence[str]) -> list[str]:
+    return ["-m", "stratus", "train", config, *overrides]
+
+
+# --- Slurm -----------------------------------------------------------------------------------
+
+
+def render_slurm(
+    config: str,
+    nodes: int,
+    gpus_per_node: int = 8,
+    job_name: str = "stratus",
+    partition: str | None = None,
+    time_limit: str = "48:00:00",
+    overrides: Sequence[str] = (),
+    max_restarts: int = 3,
+    ib_hca: str = "mlx5",
+    socket_ifname: str = "^lo,docker",
+    rdzv_port: int = 29500,
+    cpus_per_node: int | None = None,
+    log_dir: str = "logs",
+) -> str:
+    """An sbatch script: one `srun torchrun` agent per node, G ranks each, rendezvous on the
+    first node. cpus_per_node (default 8 per GPU) becomes --cpus-per-task; log_dir (relative to
+    the submit directory, which Slurm does not create) holds the job log and flight-recorder dumps."""
+    _check_shape(nodes, gpus_per_node)
+    _check_name("job name", job_name, r"[A-Za-z0-9][A-Za-z0-9._-]*", "use letters, digits, '.', '_', '-'")
+    _check_name("log directory", log_dir, r"[A-Za-z0-9._/-]+", "use letters, digits, '.', '_', '-', '/'")
+    _check_name("time limit", time_limit, r"[0-9][0-9:-]*|UNLIMITED|infinite", "e.g. 48:00:00 or 2-00:00:00")
+    if partition is not None:
+        _check_name("partition", partition, r"[A-Za-z0-9._,-]+", "a Slurm partition name")
+    cpus = cpus_per_node if cpus_per_node is not None else 8 * gpus_per_node
+    if cpus < 1 or max_restarts < 0 or not 0 < rdzv_port < 65536:
+        raise StratusError("cpus per node must be >= 1, max restarts >= 0, and the port in 1..65535")
+
+    base = "" if log_dir.startswith("/") else '"$SLURM_SUBMIT_DIR"/'
+    dump_prefix = base + shlex.quote(f"{log_dir}/flight-recorder/") + '"$SLURM_JOB_ID"/rank_'
+    env = nccl_env(ib_hca, socket_ifname, max(1, cpus // gpus_per_node), dump_prefix)
+
+    shape = f"{nodes} node(s) x {gpus_per_node} GPUs"
+    lines = [
+        "#!/bin/bash",
+        f"# Written by `stratus launch slurm`: {shape}, config {json.dumps(config)}.",
+        "# Submit from the repository root (config, data and run paths are relative to it):",
+        f"#   sbatch <this file>      log: {log_dir}/{job_name}-<jobid>.out",
+        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --nodes={nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --gpus-per-node={gpus_per_node}",
+        f"#SBATCH --cpus-per-task={cpus}",
+        "#SBATCH --exclusive",
+        f"#SBATCH --time={time_limit}",
+        f"#SBATCH --output={log_dir}/%x-%j.out",
+    ]
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    lines += ["", "set -eu", "", "# --- environment, and why each variable is set"]
+    for name, value in env.items():
+        shown = value if name in FR_FILE_VARS else shlex.quote(value)
+        lines += [f"# {WHY[name]}", f"export {name}={shown}"]
+    lines += [f"# {NOT_SET}", ""]
+    lines += [
+        "# The c10d rendezvous (and the store every rank joins) lives on the first node.",
+        'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        'mkdir -p "$(dirname "$TORCH_NCCL_DEBUG_INFO_TEMP_FILE")"',
+        "",
+        "# One torchrun agent per node starts the node's ranks; it restarts all of them (each",
+        "# run resumes from the newest verified checkpoint) up to --max-restarts times.",
+        "# srun passes --cpus-per-task itself: some Slurm versions do not hand it down to the step.",
+        'srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 \\',
+        f'  torchrun --nnodes "$SLURM_NNODES" --nproc-per-node {gpus_per_node} \\',
+        f'  --rdzv-backend c10d --rdzv-endpoint "$HEAD:{rdzv_port}" --rdzv-id "$SLURM_JOB_ID" \\',
+        f"  --max-restarts {max_restarts} \\",
+        "  " + " ".join(shlex.quote(a) for a in _train_args(config, overrides)),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --- Kubernetes --------------------------------------------------------------------------------
+
+
+def k8s_manifest(
+    config: str,
+    nodes: int,
+    gpus_per_node: int = 8,
+    image: str = "stratus:latest",
+    job_name: str = "stratus",
+    namespace: str = "default",
+    overrides: Sequence[str] = (),
+    max_restarts: int = 3,
+    ib_resource: str | None = "rdma/ib",
+    ib_hca: str = "mlx5",
+    socket_ifname: str = "^lo,docker",
+    rdzv_port: int = 29500,
+    cpus_per_node: int | None = None,
+    pvc: str = "stratus-workspace",
+    workdir: str = "/workspace",
+) -> dict[str, Any]:
+    """The PyTorchJob as a plain dict: Master (1 pod, hosts the rendezvous) + nodes-1 Workers,
+    one pod per node with all its GPUs; the PVC `pvc` is mounted at `workdir`, the working
+    directory, so configs/, data/, runs/ and logs/ live on shared storage."""
+    _check_shape(nodes, gpus_per_node)
+    k8s_name = r"[a-z]([-a-z0-9]{0,40}[a-z0-9])?"
+    _check_name("job name", job_name, k8s_name, "Kubernetes wants lowercase letters, digits, '-'")
+    _check_name("namespace", namespace, r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", "a Kubernetes namespace")
+    _check_name("claim", pvc, r"[a-z0-9]([-.a-z0-9]*[a-z0-9])?", "a PersistentVolumeClaim name")
+    if max_restarts < 0 or not 0 < rdzv_port < 65536 or not workdir.startswith("/"):
+        raise StratusError("max restarts must be >= 0, the port in 1..65535, the workdir absolute")
+    cpus = cpus_per_node if cpus_per_node is not None else 8 * gpus_per_node
+    dump_prefix = f"{workdir}/logs/flight-recorder/{job_name}/rank_"
+    env = nccl_env(ib_hca, socket_ifname, max(1, cpus // gpus_per_node), dump_prefix)
+    torchrun = [
+        "torchrun",
+        f"--nnodes={nodes}",
+        f"--nproc-per-node={gpus_per_node}",
+        "--rdzv-backend=c10d",
+        # the operator sets MASTER_ADDR (the Master pod's service) and MASTER_PORT (our port)
+        '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"',
+        f"--rdzv-id={job_name}",
+        f"--max-restarts={max_restarts}",
+        *(shlex.quote(a) for a in _train_args(config, overrides)),
+    ]
+    script = 'mkdir -p "$(dirname "$TORCH_NCCL_DEBUG_INFO_TEMP_FILE")" && exec ' + " ".join(torchrun)
+    limits: dict[str, Any] = {"nvidia.com/gpu": gpus_per_node}
+    if ib_resource:
+        limits[ib_resource] = 1
+    container = {
+        "name": "pytorch",  # the operator finds the training container by this name
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "workingDir": workdir,
+        "command": ["/bin/sh", "-c", script],
+        "env": [{"name": k, "value": v} for k, v in env.items()],
+        "ports": [{"name": "pytorchjob-port", "containerPort": rdzv_port}],
+        "resources": {"limits": limits},
+        # RDMA registers (pins) memory, which needs IPC_LOCK
+        "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}},
+        "volumeMounts": [
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "workspace", "mountPath": workdir},
+        ],
+    }
+    pod = {
+        "spec": {
+            "containers": [container],
+            "volumes": [
+                {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+                {"name": "workspace", "persistentVolumeClaim": {"claimName": pvc}},
+            ],
+        }
+    }
+    replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": pod}}
+    if nodes > 1:
+        replicas["Worker"] = {"replicas": nodes - 1, "restartPolicy": "OnFailure", "template": pod}
+    manifest = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": job_name, "namespace": namespace},
+        "spec": {
+            "nprocPerNode": str(gpus_per_node),
+            "runPolicy": {"backoffLimit": max_restarts},
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+    return json.loads(json.dumps(manifest))  # plain data only, and a fresh copy of the shared pod
+
+
+def render_k8s(config: str, nodes: int, **kw: Any) -> str:
+    """The PyTorchJob manifest as YAML, headed by why each environment variable is set."""
+    manifest = k8s_manifest(config, nodes, **kw)
+    env = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
+    gpus = manifest["spec"]["nprocPerNode"]
+    head = [
+        f"# Written by `stratus launch k8s`: {nodes} node(s) x {gpus} GPUs, config {json.dumps(config)}.",
+        "# Needs the Kubeflow training operator; submit with: kubectl apply -f <this file>",
+        "# Environment, and why each variable is set:",
+        *(f"#   {e['name']}: {WHY[e['name']]}" for e in env),
+        f"# {NOT_SET}",
+    ]
+    return "\n".join(head) + "\n" + to_yaml(manifest)
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, (dict, list)):  # only empty ones get here
+        return "{}" if isinstance(v, dict) else "[]"
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    out = []  # a YAML double-quoted string: every string is quoted, so none reads as a number or bool
+    for ch in str(v):
+        c = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" if c < 0x10000 else f"\\U{c:08x}")
+    return '"' + "".join(out) + '"'
+
+
+def _emit(node: Any, indent: int) -> list[str]:
+    pad = " " * indent
+    lines: list[str] = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            key = k if _PLAIN_KEY.fullmatch(k) else _scalar(k)
+            if isinstance(v, (dict, list)) and v:
+                lines += [f"{pad}{key}:", *_emit(v, indent + 2)]
+            else:
+                lines.append(f"{pad}{key}: {_scalar(v)}")
+    else:
+        for item in node:
+            if isinstance(item, (dict, list)) and item:
+                sub = _emit(item, indent + 2)
+                lines += [pad + "- " + sub[0][indent + 2 :], *sub[1:]]
+            else:
+                lines.append(f"{pad}- {_scalar(item)}")
+    return lines
+
+
+def to_yaml(data: dict[str, Any]) -> str:
+    """Block-style YAML for plain data (dicts, lists, strings, numbers, bools, None)."""
+    return "\n".join(_emit(data, 0)) + "\n"
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def _check_layout(cfg: Any, world: int, gpus_per_node: int) -> int:
+    """The data-parallel degree of cfg's [parallel] layout on `world` ranks (world without one);
+    the same checks as at train time (stratus.distributed.layout, torch-free), plus tp within a node."""
+    pc = getattr(cfg, "parallel", None)
+    if pc is None:
+        return world
+    if gpus_per_node % pc.tp:
+        raise StratusError(
+            f"parallel.tp ({pc.tp}) must divide --gpus-per-node ({gpus_per_node}): "
+            "keep tensor parallelism inside a node, on NVLink"
+        )
+    from stratus.distributed.layout import resolve_layout
+
+    return resolve_layout(pc, world, cfg.model).dp
+
+
+def write_launch(
+    kind: str,
+    config: str,
+    out: str | None,
+    *,
+    nodes: int,
+    gpus_per_node: int = 8,
+    job_name: str = "stratus",
+    overrides: Sequence[str] = (),
+    force: bool = False,
+    **kw: Any,
+) -> Path:
+    """Check the inputs and the config, then write the job file atomically; returns its path.
+    Default path: launch/<job_name>.sbatch or .yaml. An existing file is replaced only with force."""
+    from stratus.config import load_config, parse_overrides
+
+    if kind not in KINDS:
+        raise StratusError(f"unknown launcher {kind!r}: choose one of {', '.join(KINDS)}")
+    _check_shape(nodes, gpus_per_node)
+    if not Path(config).is_file():
+        raise StratusError(f"config file {config} not found: give a TOML file such as configs/demo.toml")
+    overrides = list(overrides)
+    cfg = load_config(config, parse_overrides(overrides))
+    world = nodes * gpus_per_node
+    dp = _check_layout(cfg, world, gpus_per_node)
+    tc = cfg.train
+    if tc.global_batch and tc.global_batch % (tc.micro_batch * dp):
+        raise StratusError(
+            f"train.global_batch ({tc.global_batch}) must be a multiple of train.micro_batch x data-parallel "
+            f"ranks ({tc.micro_batch} x {dp} = {tc.micro_batch * dp}) on {nodes} x {gpus_per_node} GPUs"
+        )
+    render = render_slurm if kind == "slurm" else k8s_manifest
+    unknown = sorted(set(kw) - set(inspect.signature(render).parameters))
+    if unknown:
+        raise StratusError(f"stratus launch {kind} has no option {', '.join(unknown)}")
+    common = dict(gpus_per_node=gpus_per_node, job_name=job_name, overrides=overrides, **kw)
+    text = render_slurm(config, nodes, **common) if kind == "slurm" else render_k8s(config, nodes, **common)
+
+    path = Path(out) if out else Path("launch") / f"{job_name}{KINDS[kind]}"
+    if path.is_dir():
+        raise StratusError(f"{path} is a directory: give a file name for the {kind} job file")
+    if path.exists() and not force:
+        raise StratusError(f"{path} exists: pass --force to replace it, or --out to write elsewhere")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "slurm":  # Slurm does not create the directory of --output; the job would die silently
+        Path(kw.get("log_dir", "logs")).mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
