@@ -127,7 +127,7 @@ def test_user_mistakes_exit_2_with_one_line(args, needle):
 def test_help_explains_every_verb():
     r = run_cli("--help")
     assert r.returncode == 0
-    for verb in ("prepare", "train", "generate", "eval", "export", "config"):
+    for verb in ("prepare", "train", "generate", "eval", "export", "config", "launch"):
         assert verb in r.stdout
         assert run_cli(verb, "--help").returncode == 0
 
@@ -167,3 +167,17 @@ def test_torchrun_two_ranks_match_one_process(trained, tmp_path: Path):
     for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
+
+
+def test_launch_through_the_cli(trained, tmp_path: Path):
+    config, _, _ = trained
+    out = tmp_path / "job.sbatch"
+    r = run_cli("launch", "slurm", str(config), "--nodes", "4", "--out", str(out), "--train.steps=50")
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert "--nnodes" in text and "--nproc-per-node 8" in text and "--train.steps=50" in text
+    assert subprocess.run(["bash", "-n", str(out)]).returncode == 0
+    bad = run_cli(
+        "launch", "k8s", str(config), "--nodes", "2", "--out", str(tmp_path / "j.yaml"), "--parallel.tp=3"
+    )
+    assert bad.returncode == 2 and "parallel.tp" in bad.stderr and not (tmp_path / "j.yaml").exists()

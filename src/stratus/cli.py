@@ -130,6 +130,34 @@ def cmd_export(args, overrides):
     print(f"exported to {export(args.path, args.out, args.force)}")
 
 
+def cmd_launch(args, overrides):
+    from stratus.launch import write_launch
+
+    extra = {
+        "max_restarts": args.max_restarts,
+        "cpus_per_node": args.cpus_per_node,
+        "ib_hca": args.ib_hca,
+        "socket_ifname": args.socket_ifname,
+    }
+    if args.kind == "slurm":
+        extra.update(partition=args.partition, time_limit=args.time)
+    else:
+        extra.update(image=args.image, namespace=args.namespace)
+    path = write_launch(
+        args.kind,
+        args.config,
+        args.out,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        job_name=args.job_name,
+        overrides=overrides,
+        force=args.force,
+        **extra,
+    )
+    submit = f"sbatch {path}" if args.kind == "slurm" else f"kubectl apply -f {path}"
+    print(f"wrote {path}: {args.nodes} nodes x {args.gpus_per_node} GPUs; submit with `{submit}`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="stratus",
@@ -211,6 +239,37 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--micro-batch", type=int, default=8, help="sequences per batch (default 8)")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
     sp.set_defaults(func=cmd_eval)
+
+    sp = verbs.add_parser(
+        "launch",
+        help="job files for a cluster: Slurm sbatch or Kubernetes PyTorchJob",
+        description="Write an sbatch script (srun + torchrun, c10d rendezvous on the first node) or a "
+        "Kubeflow PyTorchJob manifest that trains CONFIG on NODES x GPUS, with the NCCL and "
+        "InfiniBand environment set. --section.key=value overrides are passed to every rank. "
+        "See docs/cluster.md.",
+    )
+    sp.add_argument("kind", choices=["slurm", "k8s"], help="slurm: sbatch script; k8s: PyTorchJob manifest")
+    sp.add_argument("config", help="config TOML the job trains")
+    sp.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    sp.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per node (default 8)")
+    sp.add_argument("--job-name", default="stratus", help="job name (default stratus)")
+    sp.add_argument("--out", help="output file (default launch/JOB.sbatch or launch/JOB.yaml)")
+    sp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    sp.add_argument(
+        "--max-restarts", type=int, default=3, help="torchrun restarts of failed workers (default 3)"
+    )
+    sp.add_argument("--cpus-per-node", type=int, help="CPU cores per node (default 8 per GPU)")
+    sp.add_argument("--ib-hca", default="mlx5", help="NCCL_IB_HCA: InfiniBand adapters to use (default mlx5)")
+    sp.add_argument(
+        "--socket-ifname",
+        default="^lo,docker",
+        help="NCCL_SOCKET_IFNAME: interfaces for bootstrap traffic (default ^lo,docker)",
+    )
+    sp.add_argument("--partition", help="slurm: partition")
+    sp.add_argument("--time", default="48:00:00", help="slurm: time limit (default 48:00:00)")
+    sp.add_argument("--image", default="stratus:latest", help="k8s: container image with stratus installed")
+    sp.add_argument("--namespace", default="default", help="k8s: namespace")
+    sp.set_defaults(func=cmd_launch, overrides=True)
 
     sp = verbs.add_parser("export", help="consolidated safetensors + config + tokenizer for inference")
     sp.add_argument("path", metavar="RUN|CHECKPOINT", help="run directory or checkpoint directory")

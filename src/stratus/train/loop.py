@@ -29,7 +29,7 @@ from stratus.checkpoint.manager import CheckpointManager, check_same_model
 from stratus.checkpoint.manifest import read_manifest as read_ckpt_manifest
 from stratus.config import Config, to_toml
 from stratus.data.loader import Sampler, TokenSplit, rank_micro_batches
-from stratus.data.manifest import read_manifest, sha256_file
+from stratus.data.manifest import check_shard, read_manifest, sha256_file
 from stratus.distributed import env as denv
 from stratus.distributed.layout import Layout, resolve_layout
 from stratus.distributed.parallelize import build_mesh, parallelize
@@ -103,6 +103,21 @@ def _prepare_run_dir(cfg: Config, env: denv.DistEnv, data_dir: Path) -> Path:
     return run
 
 
+def _verify_shards(data_dir: Path, verify: bool, env: denv.DistEnv) -> None:
+    """Rank 0 hashes every shard once (not every rank: that would be ranks x corpus of reads)
+    and every rank raises the same error if one is damaged."""
+    problem = None
+    if verify and env.is_main:
+        try:
+            for shard in read_manifest(data_dir)["shards"]:
+                check_shard(data_dir, shard, verify_checksum=True)
+        except StratusError as e:
+            problem = str(e)
+    problem = denv.broadcast_object(env, problem)
+    if problem:
+        raise StratusError(problem)
+
+
 def _check_same_tokenizer(run: Path, data_manifest: dict) -> None:
     """A run continues only on data tokenized with the tokenizer it was trained with."""
     ours = run / "tokenizer.json"
@@ -126,12 +141,13 @@ def _train(cfg: Config, env: denv.DistEnv, layout: Layout) -> Summary:
             f"ranks ({tc.micro_batch} x {dp} = {tc.micro_batch * dp})"
         )
     accum = global_batch // (tc.micro_batch * dp)
-    train_split = TokenSplit(data_dir, "train", verify=cfg.data.verify)
+    _verify_shards(data_dir, cfg.data.verify, env)
+    train_split = TokenSplit(data_dir, "train", verify=False)  # sizes are always checked
     sampler = Sampler(train_split, cfg.data.seq_len, tc.seed)
     val_sampler = None
     if cfg.eval.interval and data_manifest["splits"]["val"]["tokens"] > cfg.data.seq_len:
         val_sampler = Sampler(
-            TokenSplit(data_dir, "val", verify=cfg.data.verify), cfg.data.seq_len, tc.seed, shuffle=False
+            TokenSplit(data_dir, "val", verify=False), cfg.data.seq_len, tc.seed, shuffle=False
         )
 
     rich = use_rich(cfg.log.progress)
