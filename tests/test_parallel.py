@@ -74,6 +74,7 @@ LAYOUTS = {
     "dp_shard2": (2, ["--parallel.dp_shard=2", "--train.micro_batch=4"]),
     "tp2": (2, ["--parallel.tp=2", "--train.micro_batch=8"]),
     # validation inside these runs covers 5 micro batches of 4: uneven over 2 data-parallel ranks
+    "hsdp_2x2": (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2", "--train.micro_batch=2"]),
     "dp_shard2_tp2": (4, ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.micro_batch=4", *EVAL]),
     "tp2_loss_parallel": (
         2,
@@ -109,31 +110,46 @@ def test_layout_trains_like_one_process(name, reference: Path, tiny_data: Path, 
         torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5)
 
 
+def _full_state(run: Path) -> tuple[dict, dict]:
+    """Model weights and AdamW state of a run's newest checkpoint, loaded whole in one process."""
+    from stratus.checkpoint.manager import CheckpointManager, newest_verified
+    from stratus.checkpoint.manifest import read_manifest
+    from stratus.config import ModelConfig, TrainConfig
+    from stratus.distributed.env import DistEnv
+    from stratus.model import Transformer
+    from stratus.train.optim import build_optimizer
+
+    _, path = newest_verified(run / "checkpoints")
+    model = Transformer(ModelConfig.model_validate(read_manifest(path)["model"]))
+    opt = build_optimizer(model, TrainConfig(), torch.device("cpu"))
+    CheckpointManager(run / "checkpoints", DistEnv(0, 1, 0, torch.device("cpu"))).load(path, model, opt)
+    names = dict(zip(model.parameters(), (n for n, _ in model.named_parameters()), strict=True))
+    return model.state_dict(), {f"{names[p]}.{k}": v for p, st in opt.state.items() for k, v in st.items()}
+
+
 def test_checkpoint_reshards_between_layouts(reference: Path, tiny_data: Path, tmp_path: Path):
-    """Saved under 4 ranks (dp_shard 2 x tp 2) at step 2, resumed under 2 ranks (dp_shard 2),
-    saved at 3, resumed under 1 rank to step 4: the same losses as the run never resharded."""
+    """Step 1 under 4 ranks (dp_shard 2 x tp 2), step 2 under 2 ranks (dp_shard 2), step 3
+    under 1 rank, step 4 under 4 ranks again: each resume loads the previous layout's
+    checkpoint, and the run ends with the losses, weights and optimizer state of the run that
+    was never resharded."""
     run = tmp_path / "resharded"
     common = ["--train.steps=4", "--checkpoint.interval=1"]
+    four = ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.micro_batch=4"]
+    train_run(4, run, tiny_data, *four, "--train.stop_at=1", *common)
     train_run(
-        4,
-        run,
-        tiny_data,
-        "--parallel.dp_shard=2",
-        "--parallel.tp=2",
-        "--train.micro_batch=4",
-        "--train.stop_at=2",
-        *common,
+        2, run, tiny_data, "--parallel.dp_shard=2", "--train.micro_batch=4", "--train.stop_at=2", *common
     )
-    train_run(
-        2, run, tiny_data, "--parallel.dp_shard=2", "--train.micro_batch=4", "--train.stop_at=3", *common
-    )
-    rows = train_run(1, run, tiny_data, "--train.micro_batch=8", *common)
+    train_run(1, run, tiny_data, "--train.micro_batch=8", "--train.stop_at=3", *common)
+    rows = train_run(4, run, tiny_data, *four, *common)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for a, b in zip(metrics(reference), rows, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
-    ours, theirs = load_trained(run).model.state_dict(), load_trained(reference).model.state_dict()
-    for key, value in theirs.items():
-        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5)
+    (w_ours, opt_ours), (w_ref, opt_ref) = _full_state(run), _full_state(reference)
+    for key, value in w_ref.items():
+        torch.testing.assert_close(w_ours[key], value, rtol=1e-4, atol=1e-5)
+    assert opt_ours.keys() == opt_ref.keys() and len(opt_ref) == 3 * len(w_ref)  # step, m, v
+    for key, value in opt_ref.items():
+        torch.testing.assert_close(opt_ours[key], value, rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -198,3 +214,27 @@ def test_meta_init_initializes_each_shard_in_place(tiny_data: Path, tmp_path: Pa
     # shards were initialized independently, not as copies of one another
     wq = weights["layers.0.attention.wq.weight"]
     assert not torch.equal(wq[:16], wq[16:])
+
+
+def test_tied_embeddings_stay_tied_under_tp_and_fsdp(tiny_data: Path, tmp_path: Path):
+    tied = ["--model.tie_embeddings=true", "--train.steps=3", "--checkpoint.interval=3"]
+    one = train_run(1, tmp_path / "one", tiny_data, "--train.micro_batch=8", *tied)
+    four = train_run(
+        4,
+        tmp_path / "four",
+        tiny_data,
+        "--parallel.dp_shard=2",
+        "--parallel.tp=2",
+        "--train.micro_batch=4",
+        *tied,
+    )
+    for a, b in zip(one, four, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    model = load_trained(tmp_path / "four").model
+    assert model.output.weight is model.tok_embeddings.weight
+    torch.testing.assert_close(
+        model.tok_embeddings.weight,
+        load_trained(tmp_path / "one").model.tok_embeddings.weight,
+        rtol=1e-4,
+        atol=1e-5,
+    )
