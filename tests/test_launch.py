@@ -349,3 +349,14 @@ def test_write_launch_checks_the_parallel_layout_against_the_gpus(tmp_path, sect
         write_launch("slurm", str(f), str(out), nodes=NODES, gpus_per_node=GPUS)
     assert message in str(e.value)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")))
+def test_shipped_configs_load_and_launch(config: Path, tmp_path: Path):
+    """Every config in configs/ is valid, and the cluster ones fit a 8 x 8-GPU layout."""
+    from stratus.config import load_config
+
+    cfg = load_config(config)
+    if cfg.train.device == "cuda":
+        out = write_launch("slurm", str(config), str(tmp_path / "job.sbatch"), nodes=8, gpus_per_node=8)
+        assert out.is_file()
