@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from stratus.errors import StratusError
 
@@ -63,17 +64,32 @@ def cmd_prepare(args, overrides):
 
 def cmd_train(args, overrides):
     cfg = _config(args, overrides)  # a config mistake is reported before torch is imported
-    from stratus.train.loop import train
+    max_restarts = cfg.reliability.max_restarts if args.max_restarts is None else args.max_restarts
+    if max_restarts and "RANK" not in os.environ and "STRATUS_SUPERVISED" not in os.environ:
+        from stratus.reliability.supervisor import supervise
 
-    s = train(cfg)
+        rc = cfg.reliability
+        return supervise(args.argv, Path(cfg.run.dir), max_restarts, rc.crash_loop, rc.hang_timeout_s)
+    from stratus.train.loop import RunStopped, train
+
+    try:
+        s = train(cfg)
+    except RunStopped as e:
+        print(f"stratus: run stopped: {e}", file=sys.stderr)
+        return 3
     if os.environ.get("RANK", "0") != "0":
-        return  # one voice: rank 0 speaks for the job
+        return 0  # one voice: rank 0 speaks for the job
     if s.loss is not None and s.unigram_baseline:
         print(
             f"final loss {s.loss:.3f} nats/token vs unigram baseline {s.unigram_baseline:.3f}"
             + (f"; validation loss {s.val_loss:.3f}" if s.val_loss is not None else "")
         )
-    print(f"run: {s.run_dir} (step {s.step})")
+    g = s.goodput
+    print(
+        f"run: {s.run_dir} (step {s.step}) | ETTR {g['ettr']:.1%} over {g['wall_s']:.0f}s, "
+        f"{g['restarts']} restarts"
+    )
+    return 0
 
 
 def cmd_config_show(args, overrides):
@@ -201,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--resume", choices=["auto", "never"], help="auto: continue an existing run; never: refuse"
     )
+    sp.add_argument(
+        "--max-restarts",
+        type=int,
+        help="restart a failed run up to N times, each from the newest verified "
+        "checkpoint (one process; under torchrun use torchrun's own --max-restarts)",
+    )
     sp.set_defaults(func=cmd_train, overrides=True)
 
     sp = verbs.add_parser("config", help="config tools: `config show` prints the resolved config")
@@ -287,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if overrides and not getattr(args, "overrides", False):
             raise StratusError(f"{overrides[0]}: config overrides apply to `train` and `config show` only")
-        args.func(args, overrides)
+        args.argv = argv
+        rc = args.func(args, overrides)
     except StratusError as e:
         if os.environ.get("RANK", "0") == "0":  # every rank fails alike; rank 0 says why
             print(f"stratus: error: {e}", file=sys.stderr)
@@ -297,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

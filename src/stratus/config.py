@@ -193,6 +193,61 @@ class CheckpointConfig(Section):
         "auto",
         description="auto = continue from the newest verified checkpoint; never = refuse a run dir that has one",
     )
+    every: Literal["steps", "minutes", "auto"] = Field(
+        "steps",
+        description="steps = every checkpoint.interval steps; minutes = every checkpoint.minutes; auto = the Young/Daly interval from the measured save cost and reliability.mtbf_hours",
+    )
+    minutes: float = Field(
+        30.0, gt=0, description="minutes between checkpoints when checkpoint.every = minutes"
+    )
+    async_save: bool = Field(
+        False,
+        description="write in the background (DCP async save): the loop blocks only while state is staged to CPU memory",
+    )
+    on_failure: Literal["continue", "stop"] = Field(
+        "continue",
+        description="a failed save (full disk, I/O error): continue with the previous checkpoint kept, or stop",
+    )
+
+
+class ReliabilityConfig(Section):
+    """Surviving faults without a person: watchdog, anomalies, stragglers, restarts, fault injection."""
+
+    hang_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="seconds without a finished step before the watchdog dumps every thread's stack and exits the rank (far below NCCL's 10 minutes)",
+    )
+    max_restarts: int = Field(
+        0,
+        ge=0,
+        description="`stratus train` restarts a failed run this many times (torchrun --max-restarts does the same for many ranks)",
+    )
+    crash_loop: int = Field(
+        3, ge=2, description="stop, with a diagnosis, after this many failures in a row at the same step"
+    )
+    spike_zscore: float = Field(
+        6.0, gt=0, description="a loss this many standard deviations above the running window is a spike"
+    )
+    spike_window: int = Field(50, ge=5, description="steps in the running window of the spike detector")
+    spike_min_steps: int = Field(20, ge=2, description="steps in the window before spikes are judged")
+    spike_skip_steps: int = Field(
+        10, ge=0, description="after a rollback, also skip this many global batches of data past the spike"
+    )
+    max_spikes: int = Field(3, ge=1, description="stop the run after this many spikes")
+    straggler_interval: int = Field(
+        50, ge=0, description="compare ranks' step times every this many steps; 0 = never"
+    )
+    straggler_threshold: float = Field(
+        0.10, gt=0, description="a rank this much slower than the median is reported (0.10 = 10%)"
+    )
+    mtbf_hours: float = Field(
+        24.0, gt=0, description="mean time between failures of the whole job, for checkpoint.every = auto"
+    )
+    faults: str = Field(
+        "",
+        description="faults to inject, e.g. kill@step=37:rank=1,nan@step=20 (also STRATUS_FAULTS); each fires once per run",
+    )
 
 
 class EvalConfig(Section):
@@ -223,6 +278,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    reliability: ReliabilityConfig = Field(default_factory=ReliabilityConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     run: RunConfig = Field(default_factory=RunConfig)

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 from stratus.checkpoint import manifest as mf
 from stratus.checkpoint.rng import get_rng_state, set_rng_state
 from stratus.data.manifest import write_json_atomic
-from stratus.distributed.env import DistEnv, barrier, broadcast_object
+from stratus.distributed.env import DistEnv, all_ranks_true, barrier, broadcast_object
 from stratus.errors import StratusError
 
 log = logging.getLogger("stratus.checkpoint")
@@ -82,47 +82,123 @@ class Loaded:
     trainer: dict[str, Any]
 
 
+class SaveError(Exception):
+    """A checkpoint could not be written (full disk, I/O error); the previous ones are intact."""
+
+
+@dataclass
+class PendingSave:
+    """A save whose shards may still be in flight (async); committed by finish()."""
+
+    step: int
+    tmp: Path
+    trainer: dict[str, Any]
+    meta: dict[str, Any]
+    future: Any = None  # DCP's future for an async save
+
+    def written(self) -> bool:
+        return self.future is None or self.future.done()
+
+
 class CheckpointManager:
-    def __init__(self, root: Path, env: DistEnv, keep: int = 3, keep_every: int = 0):
+    def __init__(self, root: Path, env: DistEnv, keep: int = 3, keep_every: int = 0, async_group=None):
         self.root, self.env, self.keep, self.keep_every = Path(root), env, keep, keep_every
+        self.async_group = async_group  # a separate process group: async writes must not race training's
 
     # --- save ----------------------------------------------------------------------------
 
-    def save(
+    def save(self, step, model, optimizer, trainer, meta, before_commit=None) -> Path:
+        """Collective and synchronous. Raises SaveError, on every rank, if any rank failed."""
+        return self.finish(self.start(step, model, optimizer, trainer, meta), before_commit)
+
+    def start(
         self,
         step: int,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         trainer: dict[str, Any],
         meta: dict[str, Any],
-    ) -> Path:
-        """Collective: every rank calls it. Returns the final checkpoint directory."""
+        asynchronous: bool = False,
+    ) -> PendingSave:
+        """Collective. Stage the state and write it under .tmp-step-…; with asynchronous, the
+        write goes on in the background and the loop continues once the state is staged."""
         env = self.env
-        final = self.root / step_name(step)
-        tmp = self.root / f".tmp-{step_name(step)}"
-        if env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "rng").mkdir(parents=True)
-        barrier(env)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with _one_process_ok():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=_no_dist(env))
-        torch.save(get_rng_state(), tmp / "rng" / f"rank-{env.rank:05d}.pt")
-        barrier(env)
-        if env.is_main:
-            write_json_atomic(tmp / "trainer.json", trainer)
-            mf.write_manifest(tmp, {"step": step, "world_size": env.world_size, **meta})
-            if final.exists():  # saving the same step again (a resumed run): replace it
-                trash = self.root / f".trash-{step_name(step)}"
-                os.replace(final, trash)
-                shutil.rmtree(trash)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            (self.root / ".latest.tmp").write_text(f"{step}\n")
-            os.replace(self.root / ".latest.tmp", self.root / "latest")
-            self._retain(newest=step)
-        barrier(env)
+        pending = PendingSave(step, self.root / f".tmp-{step_name(step)}", trainer, meta)
+        error = None
+        try:
+            if env.is_main:
+                shutil.rmtree(pending.tmp, ignore_errors=True)
+                (pending.tmp / "rng").mkdir(parents=True)
+            barrier(env)
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            torch.save(get_rng_state(), pending.tmp / "rng" / f"rank-{env.rank:05d}.pt")
+            with _one_process_ok():
+                if asynchronous:
+                    pending.future = dcp.async_save(
+                        state,
+                        checkpoint_id=pending.tmp,
+                        process_group=self.async_group,
+                        no_dist=_no_dist(env),
+                    )
+                else:
+                    dcp.save(state, checkpoint_id=pending.tmp, no_dist=_no_dist(env))
+        except Exception as e:  # any failure to write is reported, never fatal here
+            error = e
+        self._agree_or_raise(error, pending)
+        return pending
+
+    def finish(self, pending: PendingSave, before_commit=None) -> Path:
+        """Collective. Wait for the shards, then rank 0 writes trainer.json and the manifest,
+        renames the directory into place and updates `latest`. Raises SaveError."""
+        error = None
+        try:
+            if pending.future is not None:
+                pending.future.result()
+        except Exception as e:  # reported on every rank below
+            error = e
+        self._agree_or_raise(error, pending)
+        final = self.root / step_name(pending.step)
+        error = None
+        if self.env.is_main:
+            try:
+                if before_commit is not None:
+                    before_commit(pending.tmp)  # fault injection: die with the shards half-committed
+                write_json_atomic(pending.tmp / "trainer.json", pending.trainer)
+                mf.write_manifest(
+                    pending.tmp, {"step": pending.step, "world_size": self.env.world_size, **pending.meta}
+                )
+                if final.exists():  # saving the same step again (a resumed run): replace it
+                    trash = self.root / f".trash-{step_name(pending.step)}"
+                    os.replace(final, trash)
+                    shutil.rmtree(trash)
+                os.replace(pending.tmp, final)
+                _fsync_dir(self.root)
+                (self.root / ".latest.tmp").write_text(f"{pending.step}\n")
+                os.replace(self.root / ".latest.tmp", self.root / "latest")
+                self._retain(newest=pending.step)
+            except OSError as e:
+                error = e
+        self._agree_or_raise(error, pending)
         return final
+
+    def all_written(self, pending: PendingSave) -> bool:
+        """Collective: True when every rank's shards of an async save are on disk."""
+        return all_ranks_true(self.env, pending.written())
+
+    def _agree_or_raise(self, error: BaseException | None, pending: PendingSave) -> None:
+        if all_ranks_true(self.env, error is None):
+            return
+        if self.env.is_main:
+            shutil.rmtree(pending.tmp, ignore_errors=True)  # free the space; the last good one stays
+        newest = list_checkpoints(self.root)
+        kept = (
+            f"the previous checkpoint {newest[0][1].name} is kept"
+            if newest
+            else "there is no earlier checkpoint"
+        )
+        why = f"{type(error).__name__}: {error}" if error is not None else "another rank failed to write"
+        raise SaveError(f"checkpoint of step {pending.step} failed ({why}); {kept}")
 
     def _retain(self, newest: int) -> None:
         keep_steps = {s for s, _ in list_checkpoints(self.root)[: self.keep]} | {newest}

@@ -80,3 +80,12 @@ def all_reduce_max(env: DistEnv, value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
+
+
+def all_ranks_true(env: DistEnv, flag: bool) -> bool:
+    """Collective: True only when flag is True on every rank."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

@@ -4,43 +4,51 @@ One optimizer step = global_batch sequences: each data-parallel rank runs
 global_batch / (micro_batch x ranks) micro batches, accumulating gradients, then clip,
 AdamW, schedule. The batch a rank reads is a pure function of the data position (global
 samples seen), so resuming from a checkpoint continues the exact sample sequence.
+
+Every step the ranks agree (one all-reduce) on the loss and on whether it and the gradient
+norm are finite: a non-finite step skips its update everywhere; a spike rolls back to the
+last checkpoint and skips the data that caused it. A watchdog thread ends a rank that stops
+making progress; faults can be injected to rehearse all of this.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import random
-import shutil
+import socket
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import loss_parallel
 
-from stratus.checkpoint.manager import CheckpointManager, check_same_model
-from stratus.checkpoint.manifest import read_manifest as read_ckpt_manifest
-from stratus.config import Config, to_toml
-from stratus.data.loader import Sampler, TokenSplit, rank_micro_batches
-from stratus.data.manifest import check_shard, read_manifest, sha256_file
+from stratus.checkpoint.manager import PendingSave, SaveError
+from stratus.checkpoint.policy import CheckpointPolicy
+from stratus.config import Config
+from stratus.data.loader import rank_micro_batches
 from stratus.distributed import env as denv
-from stratus.distributed.layout import Layout, resolve_layout
-from stratus.distributed.parallelize import build_mesh, parallelize
-from stratus.errors import StratusError
-from stratus.model import Transformer
-from stratus.train.console import StepProgress, setup_logging, use_rich
+from stratus.distributed.layout import resolve_layout
+from stratus.reliability.anomaly import SpikeDetector
+from stratus.reliability.faults import FaultInjector, configured_faults
+from stratus.reliability.goodput import Goodput
+from stratus.reliability.watchdog import Watchdog
+from stratus.train.console import StepProgress
 from stratus.train.evaluate import perplexity, validation_loss
 from stratus.train.metrics import MetricsWriter, device_peak_flops, peak_memory_gb
-from stratus.train.optim import build_optimizer, build_scheduler
+from stratus.train.setup import Job, build_job
 
 log = logging.getLogger("stratus.train")
+
+
+class RunStopped(Exception):
+    """The run stopped on purpose (repeated spikes, a failed save with on_failure = stop):
+    restarting would not help, so supervisors do not."""
 
 
 @dataclass
@@ -51,31 +59,7 @@ class Summary:
     val_loss: float | None
     unigram_baseline: float | None
     resumed_from: int | None
-
-
-def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> Config:
-    """model.vocab_size 0 -> the tokenizer's size rounded up to a multiple of 64 (aligned
-    matmuls); an explicit size must hold every token id."""
-    if cfg.model.vocab_size == 0:
-        return cfg.model_copy(
-            update={"model": cfg.model.model_copy(update={"vocab_size": -(-tokenizer_vocab // 64) * 64})}
-        )
-    if cfg.model.vocab_size < tokenizer_vocab:
-        raise StratusError(
-            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
-            f"({tokenizer_vocab}): set it to 0 (automatic) or at least {tokenizer_vocab}"
-        )
-    return cfg
-
-
-def set_determinism(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    goodput: dict
 
 
 def train(cfg: Config) -> Summary:
@@ -83,255 +67,393 @@ def train(cfg: Config) -> Summary:
     layout = resolve_layout(cfg.parallel, int(os.environ.get("WORLD_SIZE", 1)), cfg.model)
     env = denv.setup(cfg.train.device, cfg.parallel.timeout_s)
     try:
-        return _train(cfg, env, layout)
+        return Trainer(build_job(cfg, env, layout)).run()
     finally:
         denv.teardown()
 
 
-def _prepare_run_dir(cfg: Config, env: denv.DistEnv, data_dir: Path) -> Path:
-    run = Path(cfg.run.dir)
-    # Every rank needs the directory for its own log; on several nodes it must be shared
-    # storage (checkpoints are written by all ranks into one DCP directory).
-    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-    if env.is_main:
-        tmp = run / ".config.toml.tmp"
-        tmp.write_text(to_toml(cfg))
-        os.replace(tmp, run / "config.toml")
-        shutil.copyfile(data_dir / "tokenizer.json", run / ".tokenizer.json.tmp")
-        os.replace(run / ".tokenizer.json.tmp", run / "tokenizer.json")
-    denv.barrier(env)
-    return run
+class Trainer:
+    def __init__(self, job: Job):
+        self.job, cfg, env = job, job.cfg, job.env
+        rc = cfg.reliability
+        self.step, self.samples_seen, self.resumed_from = 0, 0, None
+        self.detector = SpikeDetector(rc.spike_zscore, rc.spike_window, rc.spike_min_steps, rc.max_spikes)
+        self.faults = FaultInjector(configured_faults(rc.faults), env.rank, job.run)
+        self.goodput = Goodput(job.run, env.is_main)
+        heartbeat = os.environ.get("STRATUS_HEARTBEAT") if env.is_main else None
+        self.watchdog = Watchdog(rc.hang_timeout_s, job.run, env.rank, Path(heartbeat) if heartbeat else None)
+        self.policy = CheckpointPolicy(cfg.checkpoint, rc.mtbf_hours)
+        self.pending: PendingSave | None = None
+        self.metrics = MetricsWriter(job.run, env.is_main, cfg.log.tensorboard)
+        self.meta = {"config_hash": cfg.hash(), "model": cfg.model.model_dump()}
+        self.last_loss: float | None = None
+        self.val_loss: float | None = None
+        self.step_times: list[float] = []
+        if job.resume_from is not None:
+            self._restore(job.resume_from, with_detector=True)
+            self.resumed_from = self.step
+            log.info(
+                "resumed from %s (step %d, %d samples seen)", job.resume_from, self.step, self.samples_seen
+            )
+        self._log_start()
 
+    # --- the loop --------------------------------------------------------------------------
 
-def _verify_shards(data_dir: Path, verify: bool, env: denv.DistEnv) -> None:
-    """Rank 0 hashes every shard once (not every rank: that would be ranks x corpus of reads)
-    and every rank raises the same error if one is damaged."""
-    problem = None
-    if verify and env.is_main:
+    def run(self) -> Summary:
+        cfg, end = self.job.cfg, self.job.cfg.train.stop_at or self.job.cfg.train.steps
+        progress = StepProgress(
+            self.job.console, self.job.rich and self.job.env.is_main, self.step, cfg.train.steps
+        )
+        self.watchdog.start()
+        self.goodput.training_started()
+        window_start, window_steps = time.perf_counter(), 0
         try:
-            for shard in read_manifest(data_dir)["shards"]:
-                check_shard(data_dir, shard, verify_checksum=True)
-        except StratusError as e:
-            problem = str(e)
-    problem = denv.broadcast_object(env, problem)
-    if problem:
-        raise StratusError(problem)
-
-
-def _check_same_tokenizer(run: Path, data_manifest: dict) -> None:
-    """A run continues only on data tokenized with the tokenizer it was trained with."""
-    ours = run / "tokenizer.json"
-    if ours.is_file() and sha256_file(ours) != data_manifest["tokenizer"]["sha256"]:
-        raise StratusError(
-            f"data.path's tokenizer differs from the one {run} was trained with: "
-            "resume with the run's data, or start a new run.dir"
-        )
-
-
-def _train(cfg: Config, env: denv.DistEnv, layout: Layout) -> Summary:
-    tc = cfg.train
-    data_dir = Path(cfg.data.path)
-    data_manifest = read_manifest(data_dir)
-    cfg = resolve_vocab(cfg, int(data_manifest["tokenizer"]["vocab_size"]))
-    dp, dp_rank = layout.dp, layout.dp_rank(env.rank)
-    global_batch = tc.global_batch or tc.micro_batch * dp
-    if global_batch % (tc.micro_batch * dp):
-        raise StratusError(
-            f"train.global_batch ({global_batch}) must be a multiple of train.micro_batch x data-parallel "
-            f"ranks ({tc.micro_batch} x {dp} = {tc.micro_batch * dp})"
-        )
-    accum = global_batch // (tc.micro_batch * dp)
-    _verify_shards(data_dir, cfg.data.verify, env)
-    train_split = TokenSplit(data_dir, "train", verify=False)  # sizes are always checked
-    sampler = Sampler(train_split, cfg.data.seq_len, tc.seed)
-    val_sampler = None
-    if cfg.eval.interval and data_manifest["splits"]["val"]["tokens"] > cfg.data.seq_len:
-        val_sampler = Sampler(
-            TokenSplit(data_dir, "val", verify=False), cfg.data.seq_len, tc.seed, shuffle=False
-        )
-
-    rich = use_rich(cfg.log.progress)
-    setup_logging(None, env.rank, rich)  # the console, until the run directory is ready
-    ckpt = CheckpointManager(
-        Path(cfg.run.dir) / "checkpoints", env, cfg.checkpoint.keep, cfg.checkpoint.keep_every
-    )
-    found = ckpt.find()
-    if found and cfg.checkpoint.resume == "never":
-        raise StratusError(
-            f"{cfg.run.dir} already has a checkpoint ({found[1].name}) and checkpoint.resume is never: "
-            "give a new run.dir, or --resume=auto to continue it"
-        )
-    if found:
-        check_same_model(read_ckpt_manifest(found[1])["model"], cfg.model.model_dump(), found[1])
-        _check_same_tokenizer(Path(cfg.run.dir), data_manifest)
-
-    run = _prepare_run_dir(cfg, env, data_dir)
-    console = setup_logging(run, env.rank, rich)
-    set_determinism(tc.seed, tc.deterministic)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-
-    device = env.device
-    dtype = (
-        torch.bfloat16
-        if (tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda"))
-        else torch.float32
-    )
-    # FSDP casts parameters to bf16 itself (and reduces in fp32); elsewhere autocast does.
-    fsdp_casts = dtype != torch.float32 and layout.dp > 1
-    autocast = (
-        torch.autocast(device.type, dtype=dtype)
-        if dtype != torch.float32 and not fsdp_casts
-        else contextlib.nullcontext()
-    )
-
-    init = cfg.parallel.init
-    if init == "auto":
-        init = "meta" if device.type == "cuda" and env.world_size > 1 else "full"
-    with torch.device("meta" if init == "meta" else device):
-        model = Transformer(cfg.model)  # full: the same seed on every rank gives the same weights
-    mesh = build_mesh(layout, device.type) if env.world_size > 1 else None
-    parallelize(model, mesh, layout, cfg.parallel, tc.compile, torch.bfloat16 if fsdp_casts else None)
-    if init == "meta":  # allocate only this rank's shards, then initialize them in place
-        model.to_empty(device=device)
-        # Each shard draws its own numbers, and replicas (HSDP) draw the same ones: seed by
-        # the position inside the replica group. (DTensor's own offset-based RNG covers CUDA
-        # only; on other devices every shard would otherwise repeat the same values.)
-        torch.manual_seed(tc.seed + 1 + env.rank % (layout.dp_shard * layout.tp))
-        model.init_weights()
-    optimizer = build_optimizer(model, tc, device)
-    scheduler = build_scheduler(optimizer, tc)
-    loss_context = loss_parallel if cfg.parallel.loss_parallel else contextlib.nullcontext
-
-    step, samples_seen, resumed_from = 0, 0, None
-    if found:
-        loaded = ckpt.load(found[1], model, optimizer)
-        step, samples_seen = loaded.step, int(loaded.trainer["samples_seen"])
-        scheduler.load_state_dict(loaded.trainer["scheduler"])
-        resumed_from = step
-        log.info("resumed from %s (step %d, %d samples seen)", found[1], step, samples_seen)
-
-    tokens_per_step = global_batch * cfg.data.seq_len
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)
-    peak = device_peak_flops(device, dtype, cfg.log.peak_tflops)
-    unigram = data_manifest["splits"]["train"].get("unigram_entropy")
-    log.info(
-        "model %.2fM parameters (%.2fM without embeddings) | %d ranks (%s) | %d data-parallel x %d "
-        "micro batch x %d accumulation = %d sequences of %d tokens per step | device %s %s "
-        "| unigram baseline %s nats",
-        model.num_params() / 1e6,
-        model.num_params(False) / 1e6,
-        env.world_size,
-        layout.describe(),
-        dp,
-        tc.micro_batch,
-        accum,
-        global_batch,
-        cfg.data.seq_len,
-        device,
-        str(dtype).removeprefix("torch."),
-        unigram,
-    )
-
-    metrics = MetricsWriter(run, env.is_main, cfg.log.tensorboard)
-    progress = StepProgress(console, rich and env.is_main, step, tc.steps)
-    meta = {"config_hash": cfg.hash(), "model": cfg.model.model_dump()}
-    last_loss, val_loss = None, None
-    window_start, window_steps = time.perf_counter(), 0
-    end = tc.stop_at or tc.steps
-    try:
-        while step < end:
-            loss_sum = torch.zeros((), device=device)
-            micro = rank_micro_batches(samples_seen, global_batch, tc.micro_batch, dp_rank, dp)
-            for i, (first, count) in enumerate(micro):
-                x, y = (t.to(device, non_blocking=True) for t in sampler.batch(first, count))
-                if isinstance(model, FSDPModule):  # reduce gradients once, after the last micro batch
-                    model.set_requires_gradient_sync(i == len(micro) - 1)
-                with loss_context():
-                    with autocast:
-                        logits = model(x)  # (micro_batch, seq, vocab)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                    (loss / accum).backward()
-                loss_sum += _local(loss.detach())
-            grad_norm = _local(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            samples_seen += global_batch
-            window_steps += 1
-
-            is_log = step % cfg.log.interval == 0 or step == end
-            is_eval = val_sampler is not None and (step % cfg.eval.interval == 0 or step == end)
-            if is_log or is_eval:  # one metrics line per step, always with step and loss
-                last_loss = denv.all_reduce_mean(env, loss_sum / accum).item()
-                record: dict = {"loss": round(last_loss, 5)}
-            if is_log:
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = tokens_per_step * window_steps / elapsed
-                record.update(
-                    lr=scheduler.get_last_lr()[0],
-                    grad_norm=round(grad_norm.item(), 5),
-                    tokens_per_s=round(tokens_per_s, 1),
-                    tokens_per_s_per_device=round(tokens_per_s / dp, 1),
-                    mfu=round(flops_per_token * tokens_per_s / (peak * dp), 4) if peak else None,
-                    memory_gb=round(denv.all_reduce_max(env, peak_memory_gb(device)), 3),
-                    tokens_seen=samples_seen * cfg.data.seq_len,
-                )
-                eta = (tc.steps - step) * elapsed / window_steps
-                log.info(
-                    f"step {step}/{tc.steps} | loss {last_loss:.4f} | lr {record['lr']:.2e} "
-                    f"| grad {record['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s"
-                    + (f" | mfu {record['mfu']:.1%}" if peak else "")
-                    + f" | {record['memory_gb']:.2f} GB | eta {eta:.0f}s"
-                )
-                progress.update(step, f"loss {last_loss:.3f}")
-                window_start, window_steps = time.perf_counter(), 0
-            if is_eval:
-                val_loss, n = validation_loss(
-                    model,
-                    val_sampler,
-                    cfg.eval.batches,
-                    tc.micro_batch,
-                    env,
-                    dp_rank,
-                    dp,
-                    autocast,
-                    loss_context,
-                )
-                record.update(val_loss=round(val_loss, 5), val_ppl=round(perplexity(val_loss), 3))
-                log.info(
-                    f"step {step} | validation loss {val_loss:.4f} | perplexity {perplexity(val_loss):.2f} "
-                    f"| {n} tokens"
-                )
-            if is_log or is_eval:
-                metrics.write(step, record)
-
-            if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == end:
-                t = time.perf_counter()
-                trainer = {
-                    "step": step,
-                    "samples_seen": samples_seen,
-                    "tokens_seen": samples_seen * cfg.data.seq_len,
-                    "scheduler": scheduler.state_dict(),
-                }
-                path = ckpt.save(step, model, optimizer, trainer, meta)
-                log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t)
-                window_start += time.perf_counter() - t  # keep saves out of the throughput
-    finally:
-        progress.close()
-        metrics.close()
-    if resumed_from is not None and resumed_from >= end:
+            while self.step < end:
+                started = time.perf_counter()
+                record = self.train_step()
+                seconds = time.perf_counter() - started
+                self.goodput.step(self.step, seconds)
+                self.step_times.append(seconds)
+                window_steps += 1
+                if self._log_due(end):
+                    record.update(self._throughput(window_start, window_steps))
+                    progress.update(self.step, f"loss {self.last_loss:.3f}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.job.val_sampler is not None and (
+                    self.step % cfg.eval.interval == 0 or self.step == end
+                ):
+                    record.update(self._evaluate())
+                record.update(self._stragglers())
+                if record:
+                    record.setdefault("loss", round(self.last_loss, 5))
+                    self.metrics.write(self.step, record)
+                saved = self._checkpoint(final=self.step == end)
+                window_start += saved  # keep checkpoint stalls out of the throughput
+                self.goodput.save()
+                self.watchdog.beat()
+            self._finish_pending()
+        finally:
+            self.watchdog.stop()
+            progress.close()
+            self.goodput.save()
+            self.metrics.close()
+        if self.resumed_from is not None and self.resumed_from >= end:
+            log.info(
+                "the run in %s is already at step %d (asked to train to %d): nothing to do; "
+                "raise train.steps to continue",
+                self.job.run,
+                self.resumed_from,
+                end,
+            )
+        g = self.goodput.summary()
         log.info(
-            "the run in %s is already at step %d (asked to train to %d): nothing to do; "
-            "raise train.steps to continue",
-            run,
-            resumed_from,
-            end,
+            "goodput: ETTR %.1f%% of %.0fs wall | productive %.0fs, recomputed %.0fs, checkpoints %.0fs, "
+            "start-up %.0fs, downtime %.0fs over %d restarts",
+            100 * g["ettr"],
+            g["wall_s"],
+            g["productive_s"],
+            g["recomputed_s"],
+            g["checkpoint_s"],
+            g["startup_s"],
+            g["downtime_s"],
+            g["restarts"],
         )
-    return Summary(run, step, last_loss, val_loss, unigram, resumed_from)
+        unigram = self.job.data_manifest["splits"]["train"].get("unigram_entropy")
+        return Summary(self.job.run, self.step, self.last_loss, self.val_loss, unigram, self.resumed_from, g)
+
+    def train_step(self) -> dict:
+        """One optimizer step, or a skipped one. Returns what the metrics line must record."""
+        job, env, tc = self.job, self.job.env, self.job.cfg.train
+        step = self.step + 1
+        self.faults.at_step_start(step)
+        loss_local, grad_norm = self._forward_backward(step)
+        loss = denv.all_reduce_mean(env, loss_local).item()
+        spike = self.faults.due("spike", step)
+        if spike is not None:
+            loss *= spike.factor
+        loss = max(denv.all_reduce_max(env, loss), loss)  # a spike injected on one rank is seen by all
+        finite = denv.all_ranks_true(env, math.isfinite(loss) and math.isfinite(grad_norm))
+        self.last_loss = loss
+        record: dict = {}
+        if not finite:
+            self.detector.skipped_nonfinite += 1
+            record["skipped"] = "nonfinite"
+            log.warning(
+                "step %d: non-finite loss or gradient norm on some rank; update skipped on every "
+                "rank (%d so far)",
+                step,
+                self.detector.skipped_nonfinite,
+            )
+        elif self.detector.is_spike(loss):
+            job.optimizer.zero_grad(set_to_none=True)
+            return self._rollback(step, loss)
+        else:
+            job.optimizer.step()
+        job.optimizer.zero_grad(set_to_none=True)
+        job.scheduler.step()
+        self.step, self.samples_seen = step, self.samples_seen + job.global_batch
+        self.faults.slow_down(self.step_times[-1] if self.step_times else 0.0)
+        record["grad_norm"] = round(grad_norm, 5) if math.isfinite(grad_norm) else None
+        record["skipped_nonfinite"] = self.detector.skipped_nonfinite
+        return record if (record.get("skipped") or self._log_due(job.cfg.train.stop_at or tc.steps)) else {}
+
+    def _forward_backward(self, step: int) -> tuple[torch.Tensor, float]:
+        """This rank's mean loss over its micro batches, and the global gradient norm after clipping."""
+        job, tc = self.job, self.job.cfg.train
+        device = job.env.device
+        loss_sum = torch.zeros((), device=device)
+        micro = rank_micro_batches(
+            self.samples_seen, job.global_batch, tc.micro_batch, job.dp_rank, job.layout.dp
+        )
+        poison = self.faults.due("nan", step)
+        for i, (first, count) in enumerate(micro):
+            x, y = (t.to(device, non_blocking=True) for t in job.sampler.batch(first, count))
+            if isinstance(job.model, FSDPModule):  # reduce gradients once, after the last micro batch
+                job.model.set_requires_gradient_sync(i == len(micro) - 1)
+            with job.loss_context():
+                with job.autocast:
+                    logits = job.model(x)  # (micro_batch, seq, vocab)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                if poison is not None:
+                    loss = loss * float("nan")
+                (loss / job.accum).backward()
+            loss_sum += _local(loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), tc.grad_clip or math.inf)
+        return loss_sum / job.accum, _local(grad_norm).item()
+
+    # --- anomalies -------------------------------------------------------------------------
+
+    def _rollback(self, step: int, loss: float) -> dict:
+        """Back to the newest checkpoint; the data goes on from past the spike plus
+        spike_skip_steps global batches, so the batches around the spike are not seen again."""
+        job, rc = self.job, self.job.cfg.reliability
+        if self.detector.too_many:
+            raise RunStopped(
+                f"loss spike {self.detector.spikes} of reliability.max_spikes = {rc.max_spikes} at step "
+                f"{step} (loss {loss:.4f}); the run is unstable: lower train.lr or raise "
+                "train.warmup_steps, then resume"
+            )
+        self._finish_pending()
+        skip_to = self.samples_seen + (1 + rc.spike_skip_steps) * job.global_batch
+        found = job.ckpt.find()
+        if found is not None:
+            self._restore(found[1], with_detector=False)
+        self.samples_seen = skip_to
+        log.warning(
+            "step %d: loss spike (%.4f); rolled back to step %d, data skipped to sample %d",
+            step,
+            loss,
+            self.step,
+            skip_to,
+        )
+        return {
+            "loss": round(loss, 5),
+            "spike": True,
+            "rollback_from": step,
+            "rollback_to": self.step,
+            "data_skipped_to": skip_to,
+        }
+
+    def _restore(self, path: Path, with_detector: bool) -> None:
+        loaded = self.job.ckpt.load(path, self.job.model, self.job.optimizer)
+        self.step, self.samples_seen = loaded.step, int(loaded.trainer["samples_seen"])
+        self.job.scheduler.load_state_dict(loaded.trainer["scheduler"])
+        if with_detector:
+            self.detector.load_state_dict(loaded.trainer.get("anomaly", {}))
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def _checkpoint(self, final: bool) -> float:
+        """Save when due (always at the end of the run). Returns the seconds the loop blocked."""
+        job, env = self.job, self.job.env
+        if self.pending is not None and job.ckpt.all_written(self.pending):
+            self._finish_pending()
+        due = self.policy.due(self.step)
+        if self.policy.time_based:
+            due = denv.broadcast_object(env, due)  # one clock decides for every rank
+        if not (due or final):
+            return 0.0
+        started = time.perf_counter()
+        self._finish_pending()  # at most one save in flight
+        trainer = {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.samples_seen * job.cfg.data.seq_len,
+            "scheduler": job.scheduler.state_dict(),
+            "anomaly": self.detector.state_dict(),
+        }
+        try:
+            self.pending = job.ckpt.start(
+                self.step,
+                job.model,
+                job.optimizer,
+                trainer,
+                self.meta,
+                asynchronous=job.cfg.checkpoint.async_save and not final,
+            )
+            if not job.cfg.checkpoint.async_save or final:
+                self._finish_pending()
+        except SaveError as e:
+            self._save_failed(e)
+        blocked = time.perf_counter() - started
+        self.policy.saved(blocked)
+        self.goodput.checkpoint(blocked)
+        log.info(
+            "checkpoint of step %d: the loop blocked %.2fs%s",
+            self.step,
+            blocked,
+            " (writing in the background)" if self.pending is not None else "",
+        )
+        return blocked
+
+    def _finish_pending(self) -> None:
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        crash = self.faults.due("crash_during_save", pending.step)
+        try:
+            path = self.job.ckpt.finish(pending, before_commit=_die if crash else None)
+        except SaveError as e:
+            self._save_failed(e)
+            return
+        log.info("saved checkpoint %s", path)
+        if self.faults.due("corrupt_checkpoint", pending.step):
+            _flip_a_byte(path)
+
+    def _save_failed(self, error: SaveError) -> None:
+        self.metrics.write(self.step, {"loss": self.last_loss, "checkpoint_failed": str(error)})
+        if self.job.cfg.checkpoint.on_failure == "stop":
+            raise RunStopped(f"{error}; checkpoint.on_failure is stop") from None
+        log.error("%s; training goes on (checkpoint.on_failure = continue)", error)
+
+    # --- reporting -------------------------------------------------------------------------
+
+    def _log_due(self, end: int) -> bool:
+        return self.step % self.job.cfg.log.interval == 0 or self.step == end
+
+    def _throughput(self, window_start: float, window_steps: int) -> dict:
+        job, tc = self.job, self.job.cfg.train
+        elapsed = time.perf_counter() - window_start
+        tokens_per_s = job.global_batch * job.cfg.data.seq_len * window_steps / elapsed
+        dp = job.layout.dp
+        peak = device_peak_flops(job.env.device, job.dtype, job.cfg.log.peak_tflops)
+        flops_per_token = job.model.flops_per_token(job.cfg.data.seq_len)
+        values = {
+            "loss": round(self.last_loss, 5),
+            "lr": job.scheduler.get_last_lr()[0],
+            "tokens_per_s": round(tokens_per_s, 1),
+            "tokens_per_s_per_device": round(tokens_per_s / dp, 1),
+            "mfu": round(flops_per_token * tokens_per_s / (peak * dp), 4) if peak else None,
+            "memory_gb": round(denv.all_reduce_max(job.env, peak_memory_gb(job.env.device)), 3),
+            "tokens_seen": self.samples_seen * job.cfg.data.seq_len,
+            "ettr": self.goodput.summary()["ettr"],
+        }
+        eta = (tc.steps - self.step) * elapsed / window_steps
+        log.info(
+            f"step {self.step}/{tc.steps} | loss {self.last_loss:.4f} | lr {values['lr']:.2e} "
+            f"| {tokens_per_s:,.0f} tok/s"
+            + (f" | mfu {values['mfu']:.1%}" if peak else "")
+            + f" | {values['memory_gb']:.2f} GB | eta {eta:.0f}s"
+        )
+        return values
+
+    def _evaluate(self) -> dict:
+        job = self.job
+        self.val_loss, n = validation_loss(
+            job.model,
+            job.val_sampler,
+            job.cfg.eval.batches,
+            job.cfg.train.micro_batch,
+            job.env,
+            job.dp_rank,
+            job.layout.dp,
+            job.autocast,
+            job.loss_context,
+        )
+        log.info(
+            f"step {self.step} | validation loss {self.val_loss:.4f} | "
+            f"perplexity {perplexity(self.val_loss):.2f} | {n} tokens"
+        )
+        self.watchdog.beat()
+        return {"val_loss": round(self.val_loss, 5), "val_ppl": round(perplexity(self.val_loss), 3)}
+
+    def _stragglers(self) -> dict:
+        """Every straggler_interval steps, one step is timed between two barriers, so a rank's
+        time is its own work (waits inside collectives excepted) and the barrier at the end
+        absorbs the others' idling. A rank slower than the median by the threshold is named."""
+        job, rc = self.job, self.job.cfg.reliability
+        if not (job.env.distributed and rc.straggler_interval and self.step % rc.straggler_interval == 0):
+            return {}
+        dist.barrier()
+        started = time.perf_counter()
+        self.train_step_probe()
+        mine = (time.perf_counter() - started, socket.gethostname())
+        times: list = [None] * job.env.world_size
+        dist.all_gather_object(times, mine)
+        dist.barrier()
+        median = statistics.median(t for t, _ in times)
+        slow = [
+            {"rank": r, "host": h, "seconds": round(t, 4), "vs_median": round(t / median - 1, 3)}
+            for r, (t, h) in enumerate(times)
+            if t >= median * (1 + rc.straggler_threshold)
+        ]
+        for s in slow:
+            log.warning(
+                "straggler: rank %d on %s took %.3fs, %.0f%% above the median %.3fs",
+                s["rank"],
+                s["host"],
+                s["seconds"],
+                100 * s["vs_median"],
+                median,
+            )
+        return {"stragglers": slow} if slow else {}
+
+    def train_step_probe(self) -> None:
+        """The rank-local part of a step that the straggler check times: the batch reading of
+        the next step and any injected slowness (collectives would hide the difference)."""
+        job = self.job
+        for first, count in rank_micro_batches(
+            self.samples_seen, job.global_batch, job.cfg.train.micro_batch, job.dp_rank, job.layout.dp
+        ):
+            job.sampler.batch(first, count)
+        self.faults.slow_down(statistics.median(self.step_times[-10:]) if self.step_times else 0.0)
+
+    def _log_start(self) -> None:
+        job, tc = self.job, self.job.cfg.train
+        log.info(
+            "model %.2fM parameters (%.2fM without embeddings) | %d ranks (%s) | %d data-parallel x %d "
+            "micro batch x %d accumulation = %d sequences of %d tokens per step | device %s %s "
+            "| unigram baseline %s nats",
+            job.model.num_params() / 1e6,
+            job.model.num_params(False) / 1e6,
+            job.env.world_size,
+            job.layout.describe(),
+            job.layout.dp,
+            tc.micro_batch,
+            job.accum,
+            job.global_batch,
+            job.cfg.data.seq_len,
+            job.env.device,
+            str(job.dtype).removeprefix("torch."),
+            job.data_manifest["splits"]["train"].get("unigram_entropy"),
+        )
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The full value of a DTensor (a replicated loss or norm), or the tensor itself."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _die(_tmp: Path) -> None:
+    """crash_during_save: the shards are written, the manifest is not."""
+    os.kill(os.getpid(), 9)
+
+
+def _flip_a_byte(checkpoint: Path) -> None:
+    """corrupt_checkpoint: damage a complete checkpoint the way bit rot or a bad disk would."""
+    shard = sorted(checkpoint.glob("*.distcp"))[0]
+    with open(shard, "r+b") as f:
+        f.seek(shard.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))

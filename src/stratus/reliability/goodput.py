@@ -1,0 +1,81 @@
+"""Where a run's wall time went, across restarts: productive steps (each step counted once),
+recomputed steps (lost work done again after a restart or rollback), checkpoint stalls,
+start-up, and downtime between a failure and the next start. ETTR, the effective training
+time ratio, is productive time over wall time since the run first started."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+FIELDS = ("productive_s", "recomputed_s", "checkpoint_s", "startup_s", "downtime_s")
+
+
+def process_start_time() -> float:
+    """When this process started (Linux /proc), so interpreter and import time count as start-up."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        stat = Path("/proc/stat").read_text().splitlines()
+        boot = next(int(line.split()[1]) for line in stat if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+class Goodput:
+    def __init__(self, run_dir: Path, enabled: bool, started: float | None = None):
+        self.path, self.enabled = run_dir / "goodput.json", enabled
+        self.started = started or process_start_time()
+        self.state: dict[str, Any] = {
+            "first_start": self.started,
+            "high_water": 0,
+            "restarts": 0,
+            **dict.fromkeys(FIELDS, 0.0),
+        }
+        if self.path.is_file():
+            try:
+                previous = json.loads(self.path.read_text())
+            except ValueError:
+                previous = None  # a torn file costs the history, never the run
+            if previous:
+                self.state.update(previous)
+                self.state["restarts"] += 1
+                self.state["downtime_s"] += max(0.0, self.started - previous["last_update"])
+        self._training_started = False
+
+    def training_started(self) -> None:
+        if not self._training_started:
+            self._training_started = True
+            self.state["startup_s"] += time.time() - self.started
+
+    def step(self, step: int, seconds: float) -> None:
+        if step > self.state["high_water"]:
+            self.state["productive_s"] += seconds
+            self.state["high_water"] = step
+        else:
+            self.state["recomputed_s"] += seconds
+
+    def checkpoint(self, seconds: float) -> None:
+        self.state["checkpoint_s"] += seconds
+
+    def summary(self) -> dict[str, Any]:
+        wall = max(1e-9, time.time() - self.state["first_start"])
+        out = {k: round(self.state[k], 3) for k in FIELDS}
+        return {
+            "wall_s": round(wall, 3),
+            **out,
+            "restarts": self.state["restarts"],
+            "ettr": round(self.state["productive_s"] / wall, 4),
+        }
+
+    def save(self) -> None:
+        """Cheap enough for every step: no fsync; a lost update costs a second of history."""
+        if not self.enabled:
+            return
+        self.state["last_update"] = time.time()
+        tmp = self.path.with_name(".goodput.json.tmp")
+        tmp.write_text(json.dumps(self.state))
+        os.replace(tmp, self.path)

@@ -1,0 +1,222 @@
+"""Everything a training run is built from, assembled once: data, model (sharded by the
+layout), optimizer and schedule, checkpoint manager, run directory, logging."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.tensor.parallel import loss_parallel
+
+from stratus.checkpoint.manager import CheckpointManager, check_same_model
+from stratus.checkpoint.manifest import read_manifest as read_ckpt_manifest
+from stratus.config import Config, to_toml
+from stratus.data.loader import Sampler, TokenSplit
+from stratus.data.manifest import check_shard, read_manifest, sha256_file
+from stratus.distributed import env as denv
+from stratus.distributed.layout import Layout
+from stratus.distributed.parallelize import build_mesh, parallelize
+from stratus.errors import StratusError
+from stratus.model import Transformer
+from stratus.train.console import setup_logging, use_rich
+from stratus.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("stratus.train")
+
+
+@dataclass
+class Job:
+    cfg: Config  # with model.vocab_size resolved
+    env: denv.DistEnv
+    layout: Layout
+    run: Path
+    data_manifest: dict[str, Any]
+    sampler: Sampler
+    val_sampler: Sampler | None
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ckpt: CheckpointManager
+    resume_from: Path | None  # the newest verified checkpoint, if any
+    global_batch: int
+    accum: int
+    dtype: torch.dtype
+    autocast: contextlib.AbstractContextManager
+    loss_context: Any
+    console: Any
+    rich: bool
+
+    @property
+    def dp_rank(self) -> int:
+        return self.layout.dp_rank(self.env.rank)
+
+
+def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> Config:
+    """model.vocab_size 0 -> the tokenizer's size rounded up to a multiple of 64 (aligned
+    matmuls); an explicit size must hold every token id."""
+    if cfg.model.vocab_size == 0:
+        return cfg.model_copy(
+            update={"model": cfg.model.model_copy(update={"vocab_size": -(-tokenizer_vocab // 64) * 64})}
+        )
+    if cfg.model.vocab_size < tokenizer_vocab:
+        raise StratusError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
+            f"({tokenizer_vocab}): set it to 0 (automatic) or at least {tokenizer_vocab}"
+        )
+    return cfg
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _prepare_run_dir(cfg: Config, env: denv.DistEnv, data_dir: Path) -> Path:
+    run = Path(cfg.run.dir)
+    # Every rank needs the directory for its own log; on several nodes it must be shared
+    # storage (checkpoints are written by all ranks into one DCP directory).
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if env.is_main:
+        tmp = run / ".config.toml.tmp"
+        tmp.write_text(to_toml(cfg))
+        os.replace(tmp, run / "config.toml")
+        shutil.copyfile(data_dir / "tokenizer.json", run / ".tokenizer.json.tmp")
+        os.replace(run / ".tokenizer.json.tmp", run / "tokenizer.json")
+    denv.barrier(env)
+    return run
+
+
+def _verify_shards(data_dir: Path, verify: bool, env: denv.DistEnv) -> None:
+    """Rank 0 hashes every shard once (not every rank: that would be ranks x corpus of reads)
+    and every rank raises the same error if one is damaged."""
+    problem = None
+    if verify and env.is_main:
+        try:
+            for shard in read_manifest(data_dir)["shards"]:
+                check_shard(data_dir, shard, verify_checksum=True)
+        except StratusError as e:
+            problem = str(e)
+    problem = denv.broadcast_object(env, problem)
+    if problem:
+        raise StratusError(problem)
+
+
+def _check_same_tokenizer(run: Path, data_manifest: dict) -> None:
+    """A run continues only on data tokenized with the tokenizer it was trained with."""
+    ours = run / "tokenizer.json"
+    if ours.is_file() and sha256_file(ours) != data_manifest["tokenizer"]["sha256"]:
+        raise StratusError(
+            f"data.path's tokenizer differs from the one {run} was trained with: "
+            "resume with the run's data, or start a new run.dir"
+        )
+
+
+def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
+    tc = cfg.train
+    data_dir = Path(cfg.data.path)
+    data_manifest = read_manifest(data_dir)
+    cfg = resolve_vocab(cfg, int(data_manifest["tokenizer"]["vocab_size"]))
+    dp = layout.dp
+    global_batch = tc.global_batch or tc.micro_batch * dp
+    if global_batch % (tc.micro_batch * dp):
+        raise StratusError(
+            f"train.global_batch ({global_batch}) must be a multiple of train.micro_batch x data-parallel "
+            f"ranks ({tc.micro_batch} x {dp} = {tc.micro_batch * dp})"
+        )
+    _verify_shards(data_dir, cfg.data.verify, env)
+    sampler = Sampler(TokenSplit(data_dir, "train", verify=False), cfg.data.seq_len, tc.seed)  # sizes checked
+    val_sampler = None
+    if cfg.eval.interval and data_manifest["splits"]["val"]["tokens"] > cfg.data.seq_len:
+        val_sampler = Sampler(
+            TokenSplit(data_dir, "val", verify=False), cfg.data.seq_len, tc.seed, shuffle=False
+        )
+
+    rich = use_rich(cfg.log.progress)
+    setup_logging(None, env.rank, rich)  # the console, until the run directory is ready
+    async_group = None
+    if cfg.checkpoint.async_save and env.distributed:
+        # background writes run collectives of their own: keep them off training's group
+        async_group = torch.distributed.new_group(backend="gloo")
+    ckpt = CheckpointManager(
+        Path(cfg.run.dir) / "checkpoints", env, cfg.checkpoint.keep, cfg.checkpoint.keep_every, async_group
+    )
+    found = ckpt.find()
+    if found and cfg.checkpoint.resume == "never":
+        raise StratusError(
+            f"{cfg.run.dir} already has a checkpoint ({found[1].name}) and checkpoint.resume is never: "
+            "give a new run.dir, or --resume=auto to continue it"
+        )
+    if found:
+        check_same_model(read_ckpt_manifest(found[1])["model"], cfg.model.model_dump(), found[1])
+        _check_same_tokenizer(Path(cfg.run.dir), data_manifest)
+
+    run = _prepare_run_dir(cfg, env, data_dir)
+    console = setup_logging(run, env.rank, rich)
+    set_determinism(tc.seed, tc.deterministic)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+
+    device = env.device
+    dtype = (
+        torch.bfloat16
+        if (tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda"))
+        else torch.float32
+    )
+    # FSDP casts parameters to bf16 itself (and reduces in fp32); elsewhere autocast does.
+    fsdp_casts = dtype != torch.float32 and layout.dp > 1
+    autocast = (
+        torch.autocast(device.type, dtype=dtype)
+        if dtype != torch.float32 and not fsdp_casts
+        else contextlib.nullcontext()
+    )
+
+    init = cfg.parallel.init
+    if init == "auto":
+        init = "meta" if device.type == "cuda" and env.world_size > 1 else "full"
+    with torch.device("meta" if init == "meta" else device):
+        model = Transformer(cfg.model)  # full: the same seed on every rank gives the same weights
+    mesh = build_mesh(layout, device.type) if env.world_size > 1 else None
+    parallelize(model, mesh, layout, cfg.parallel, tc.compile, torch.bfloat16 if fsdp_casts else None)
+    if init == "meta":  # allocate only this rank's shards, then initialize them in place
+        model.to_empty(device=device)
+        # Each shard draws its own numbers, and replicas (HSDP) draw the same ones: seed by
+        # the position inside the replica group. (DTensor's own offset-based RNG covers CUDA
+        # only; on other devices every shard would otherwise repeat the same values.)
+        torch.manual_seed(tc.seed + 1 + env.rank % (layout.dp_shard * layout.tp))
+        model.init_weights()
+    optimizer = build_optimizer(model, tc, device)
+    return Job(
+        cfg=cfg,
+        env=env,
+        layout=layout,
+        run=run,
+        data_manifest=data_manifest,
+        sampler=sampler,
+        val_sampler=val_sampler,
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, tc),
+        ckpt=ckpt,
+        resume_from=found[1] if found else None,
+        global_batch=global_batch,
+        accum=global_batch // (tc.micro_batch * dp),
+        dtype=dtype,
+        autocast=autocast,
+        loss_context=loss_parallel if cfg.parallel.loss_parallel else contextlib.nullcontext,
+        console=console,
+        rich=rich,
+    )
