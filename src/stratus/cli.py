@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from stratus.errors import StratusError
+from stratus.plan.cli import add_parser as add_plan_parser
+from stratus.serve.cli import add_parsers as add_serve_parsers
 
 EPILOG = "Docs: README.md. Every verb has --help."
 
@@ -141,6 +143,11 @@ def cmd_eval(args, overrides):
 
 
 def cmd_export(args, overrides):
+    if args.format == "hf":
+        from stratus.checkpoint.hf_export import export_hf
+
+        print(f"exported to {export_hf(args.path, args.out, args.force)} (Hugging Face Llama)")
+        return
     from stratus.checkpoint.export import export
 
     print(f"exported to {export(args.path, args.out, args.force)}")
@@ -297,7 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("path", metavar="RUN|CHECKPOINT", help="run directory or checkpoint directory")
     sp.add_argument("--out", required=True, help="output directory")
     sp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    sp.add_argument(
+        "--format",
+        choices=["stratus", "hf"],
+        default="stratus",
+        help="stratus: for stratus generate/serve; hf: a Hugging Face Llama directory for transformers",
+    )
     sp.set_defaults(func=cmd_export)
+    add_serve_parsers(verbs)
+    add_plan_parser(verbs)
     return p
 
 

@@ -1,0 +1,256 @@
+"""The server under load beside transformers `generate` on the same weights.
+
+    python benchmarks/serve.py [--run runs/demo] [--requests-per-client 2]
+
+Starts `stratus serve` (python -m stratus.serve) as its own process on 127.0.0.1 and drives
+it with streaming clients at concurrency 1, 4 and 16 (prompts of 32-128 tokens, 64-128
+output tokens, ignore_eos), measuring time to first token, inter-token latency and output
+tokens/s; then runs transformers `generate` on the Hugging Face export of the same weights
+at batch 1 and 8, in the same script. Prints figures and ratios; asserts nothing.
+
+The weights are the demo run's when it exists (its 128-token context is widened to 256
+for the RoPE table, so that a 128-token prompt and 128 new tokens fit; the weights do not
+depend on it), else a randomly initialized model of the demo's shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from safetensors.torch import save_file
+
+from stratus.checkpoint.hf_export import export_hf
+from stratus.checkpoint.load import EXPORT_FORMAT, load_trained
+from stratus.config import ModelConfig
+from stratus.model import Transformer
+
+CONTEXT = 256
+
+
+def build_export(run: Path | None, tokenizer: Path | None, out: Path) -> Path:
+    if run is not None and run.exists():
+        trained = load_trained(run)
+        cfg = trained.model.cfg.model_copy(update={"max_seq_len": CONTEXT})
+        model, tok, origin = Transformer(cfg), trained.tokenizer_path, f"trained weights of {run}"
+        model.load_state_dict(trained.model.state_dict())
+    else:
+        if tokenizer is None:
+            raise SystemExit("no demo run: give --run RUN or --tokenizer tokenizer.json")
+        torch.manual_seed(0)
+        cfg = ModelConfig(
+            vocab_size=4096, n_layers=4, d_model=192, n_heads=3, max_seq_len=CONTEXT, tie_embeddings=True
+        )
+        model, tok, origin = Transformer(cfg), tokenizer, "random weights of the demo's shape"
+    out.mkdir(parents=True)
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    weights.pop("output.weight") if cfg.tie_embeddings else None
+    save_file(weights, out / "model.safetensors")
+    info = {"format": EXPORT_FORMAT, "step": 0, "source": origin, "model": cfg.model_dump()}
+    (out / "config.json").write_text(json.dumps(info))
+    (out / "tokenizer.json").write_bytes(Path(tok).read_bytes())
+    print(f"model: {origin}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg}")
+    return out
+
+
+def start_server(export: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "stratus.serve",
+        "serve",
+        str(export),
+        "--port",
+        "0",
+        "--log-level",
+        "warning",
+    ]
+    cmd += ["--max-batch", str(max_batch), "--device", "cpu", "--threads", str(threads)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    banner = proc.stdout.readline()
+    m = re.search(r"(http://127\.0\.0\.1:\d+)", banner)
+    if not m:
+        proc.kill()
+        raise SystemExit(f"the server did not start: {banner}")
+    url = m.group(1)
+    for _ in range(200):
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise SystemExit("the server did not answer /health")
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], new: int) -> dict:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": new,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    sent = time.perf_counter()
+    times, tokens = [], 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                times.append(time.perf_counter())
+    return {
+        "ttft": times[0] - sent,
+        "itl": [b - a for a, b in zip(times, times[1:], strict=False)],
+        "tokens": tokens,
+        "decode": (tokens - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0,
+    }
+
+
+async def load_phase(url: str, model: str, workload: list[tuple[list[int], int]], concurrency: int) -> dict:
+    queue = list(workload)
+    results: list[dict] = []
+    # TCP_NODELAY: httpx writes the headers and the body separately, and without it Nagle's
+    # algorithm holds the body until the server's delayed ACK, adding ~40 ms to every TTFT.
+    nodelay = httpx.AsyncHTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    async with httpx.AsyncClient(
+        timeout=300, limits=httpx.Limits(max_connections=64), transport=nodelay
+    ) as client:
+
+        async def worker() -> None:
+            while queue:
+                prompt, new = queue.pop()
+                results.append(await one_request(client, url, model, prompt, new))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    itl = [x for r in results for x in r["itl"]]
+    return {
+        "ttft_ms": statistics.median(r["ttft"] for r in results) * 1e3,
+        "ttft_p90_ms": sorted(r["ttft"] for r in results)[int(0.9 * (len(results) - 1))] * 1e3,
+        "itl_ms": statistics.median(itl) * 1e3,
+        "itl_p90_ms": sorted(itl)[int(0.9 * (len(itl) - 1))] * 1e3,
+        "stream_decode_tps": statistics.median(r["decode"] for r in results),
+        "output_tps": sum(r["tokens"] for r in results) / wall,
+        "requests": len(results),
+    }
+
+
+def hf_generate(hf_dir: Path, prompt_len: int, new: int, batch: int, repeats: int = 3) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = torch.randint(10, 4000, (batch, prompt_len))
+    mask = torch.ones_like(ids)
+
+    def timed(n: int) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+            best = min(best, time.perf_counter() - t)
+            assert out.shape[1] == prompt_len + n
+        return best
+
+    first, total = timed(1), timed(new)
+    return {
+        "ttft_ms": first * 1e3,
+        "itl_ms": (total - first) / (new - 1) * 1e3,
+        "stream_decode_tps": (new - 1) / (total - first),
+        "output_tps": batch * new / total,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default_run = next((r for r in (Path("runs/demo"), Path("/tmp/clone/runs/demo")) if r.exists()), None)
+    p.add_argument(
+        "--run", type=Path, default=default_run, help="run, checkpoint or export (default runs/demo)"
+    )
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.json for random weights when there is no run")
+    p.add_argument("--requests-per-client", type=int, default=4)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of transformers here")
+    p.add_argument("--server-threads", type=int, default=0, help="the server's --threads (0: torch default)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rng = random.Random(0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export = build_export(args.run, args.tokenizer, Path(tmp) / "model")
+        hf_dir = export_hf(export, Path(tmp) / "hf")
+        proc, url = start_server(export, args.max_batch, args.server_threads)
+        rows: dict[str, dict] = {}
+        try:
+            model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+            warm = [([rng.randrange(10, 4000) for _ in range(32)], 8)] * 2
+            asyncio.run(load_phase(url, model, warm, 2))
+            for c in (1, 4, 16):
+                work = [
+                    ([rng.randrange(10, 4000) for _ in range(rng.randint(32, 128))], rng.randint(64, 128))
+                    for _ in range(c * args.requests_per_client)
+                ]
+                rows[f"stratus serve, concurrency {c}"] = asyncio.run(load_phase(url, model, work, c))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        rows["transformers generate, batch 1"] = hf_generate(hf_dir, 80, 96, 1)
+        rows["transformers generate, batch 8"] = hf_generate(hf_dir, 80, 96, 8)
+
+    import transformers
+
+    print(
+        f"\ntorch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{os.cpu_count()} CPUs, fp32, greedy"
+    )
+    print(
+        f"{'':34} {'TTFT ms (p50/p90)':>18} {'ITL ms (p50/p90)':>17} "
+        f"{'stream tok/s':>13} {'output tok/s':>13}"
+    )
+    for name, r in rows.items():
+        ttft = f"{r['ttft_ms']:.1f}" + (f"/{r['ttft_p90_ms']:.1f}" if "ttft_p90_ms" in r else "")
+        itl = f"{r['itl_ms']:.2f}" + (f"/{r['itl_p90_ms']:.2f}" if "itl_p90_ms" in r else "")
+        print(f"{name:34} {ttft:>18} {itl:>17} {r['stream_decode_tps']:>13.1f} {r['output_tps']:>13.1f}")
+    s1, s16 = rows["stratus serve, concurrency 1"], rows["stratus serve, concurrency 16"]
+    hf1 = rows["transformers generate, batch 1"]
+    single = s1["stream_decode_tps"] / hf1["stream_decode_tps"]
+    scale = s16["output_tps"] / s1["output_tps"]
+    print(f"\nsingle-stream decode, stratus serve / transformers generate: {single:.2f}x (target >= 1.5x)")
+    print(f"aggregate output tokens/s, concurrency 16 / concurrency 1: {scale:.2f}x (target >= 4x)")
+    print(
+        f"(transformers batch 8 / batch 1 output tokens/s: "
+        f"{rows['transformers generate, batch 8']['output_tps'] / hf1['output_tps']:.2f}x)"
+    )
+
+
+if __name__ == "__main__":
+    main()

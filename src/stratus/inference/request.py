@@ -1,0 +1,86 @@
+"""What a client asks the engine for, and what the engine tells it back."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from stratus.errors import StratusError
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound: the client should retry later (HTTP 429)."""
+
+
+class EngineDead(Exception):
+    """The engine's loop has stopped; nothing more will be generated (HTTP 503)."""
+
+
+class ContextOverflow(StratusError):
+    """The prompt plus max_tokens does not fit the model's context (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class RequestParams:
+    max_tokens: int | None = None  # None: up to the end of the context
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # drop tokens below min_p x the likeliest token's probability; 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # generation ends before the first of these strings; it is not returned
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence of a token already generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the k likeliest
+    ignore_eos: bool = False  # end-of-text does not end the request (benchmarks)
+
+
+@dataclass
+class Event:
+    """One step of a request: a sampled token with the text it completes (possibly empty,
+    while a stop string or a UTF-8 character may still be arriving), or the end."""
+
+    text: str = ""
+    token: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" on the last event
+    error: str | None = None
+    time: float = field(default_factory=time.monotonic)
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    params: RequestParams
+    on_event: Callable[[Event], None]  # called on the engine's thread; must be quick and not block
+    id: int = field(default_factory=lambda: next(_ids))
+    arrival: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    finish_reason: str | None = None
+    # engine state
+    slot: int | None = None
+    pos: int = 0  # tokens of this request in its cache slot
+    out: list[int] = field(default_factory=list)
+    next_token: int | None = None  # sampled, not yet fed to the model
+    counts: torch.Tensor | None = None  # (vocab,) occurrences, for the penalties
+    generator: torch.Generator | None = None
+    detok: object = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.out)

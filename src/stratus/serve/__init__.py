@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server, the chat REPL and their command-line verbs."""

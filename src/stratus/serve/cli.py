@@ -1,0 +1,136 @@
+"""The `serve` and `chat` verbs: argument parsing only (wired into stratus.cli by
+`add_parsers`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from stratus.errors import StratusError
+
+
+def _engine_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "path",
+        metavar="RUN|CHECKPOINT",
+        help="run directory, checkpoint directory or `stratus export` output",
+    )
+    sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda when present (default)")
+    sp.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and KV cache"
+    )
+    sp.add_argument(
+        "--max-batch", type=int, default=16, help="sequences decoded together (KV cache slots; default 16)"
+    )
+    sp.add_argument("--kv-cache-mb", type=float, help="KV cache budget in MiB; caps --max-batch")
+    sp.add_argument(
+        "--prefill-chunk", type=int, default=64, help="prompt tokens processed per step (default 64)"
+    )
+    sp.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads per operation (torch); 0 = torch's default. A small model decodes faster on 1",
+    )
+
+
+def _engine_config(args):
+    import torch
+
+    from stratus.inference.engine import EngineConfig
+
+    if args.threads < 0:
+        raise StratusError("--threads must be 0 (torch's default) or more")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    return EngineConfig(
+        max_batch=args.max_batch,
+        kv_cache_mb=args.kv_cache_mb,
+        max_queue=getattr(args, "max_queue", 4),
+        prefill_chunk=args.prefill_chunk,
+    )
+
+
+def cmd_serve(args, overrides):
+    from stratus.serve.app import ServerState
+    from stratus.serve.server import open_engine, prepare_server
+
+    if not 0 <= args.port <= 65535:
+        raise StratusError(f"--port {args.port} is not a TCP port (0-65535)")
+    engine, tokenizer, template, name = open_engine(args.path, _engine_config(args), args.device, args.dtype)
+    api_key = args.api_key or os.environ.get("STRATUS_API_KEY") or None
+    state = ServerState(engine, tokenizer, args.model_name or name, api_key, template)
+    running = prepare_server(state, args.host, args.port, args.log_level)
+    print(
+        f"serving `{state.model_name}` on http://{args.host}:{running.port}/v1 "
+        f"({engine.slots} KV slots of {engine.context} tokens, {engine.cache.nbytes / 2**20:.1f} MiB; "
+        f"chat template: {template.origin}; API key {'required' if api_key else 'off'})",
+        flush=True,
+    )
+    code = running.serve()
+    if code:
+        raise SystemExit(code)  # the engine died: a supervisor should restart the server
+
+
+def cmd_chat(args, overrides):
+    from stratus.inference.request import RequestParams
+    from stratus.serve.repl import ChatSession, run_repl
+    from stratus.serve.server import open_engine
+
+    if args.max_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise StratusError(
+            "sampling flags out of range: need --max-tokens >= 1, --temperature >= 0, --top-k >= 0, "
+            "0 < --top-p <= 1"
+        )
+    engine, _, template, _ = open_engine(args.path, _engine_config(args), args.device, args.dtype)
+    params = RequestParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    engine.start()
+    try:
+        run_repl(ChatSession(engine, template, params, args.system or ""))
+    finally:
+        engine.stop()
+
+
+def add_parsers(verbs) -> None:
+    """Register `serve` and `chat` on the subparsers of the `stratus` command."""
+    sp = verbs.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP API (chat, completions, streaming) with continuous batching",
+        description="Serve RUN (its newest verified checkpoint), a checkpoint or an export behind the "
+        "OpenAI API: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, "
+        "GET /metrics (Prometheus). Exits non-zero if the engine fails.",
+    )
+    _engine_flags(sp)
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sp.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
+    sp.add_argument(
+        "--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: $STRATUS_API_KEY, else none)"
+    )
+    sp.add_argument("--model-name", help="the model's name in the API (default: the run's directory name)")
+    sp.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429 (default 64)"
+    )
+    sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sp.set_defaults(func=cmd_serve)
+
+    sp = verbs.add_parser(
+        "chat",
+        help="talk to a model in the terminal (streaming; /reset, /system, /set)",
+        description="A chat REPL on RUN, a checkpoint or an export, rendered with the server's chat "
+        "template. Commands: /reset, /system TEXT, /set NAME VALUE, /settings, /help, /quit.",
+    )
+    _engine_flags(sp)
+    sp.add_argument("--system", help="system message")
+    sp.add_argument("--max-tokens", type=int, default=256, help="reply length at most (default 256)")
+    sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    sp.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (default 0.95)")
+    sp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest; 0 = all (default)")
+    sp.add_argument("--seed", type=int, help="seed for reproducible replies")
+    sp.set_defaults(func=cmd_chat)

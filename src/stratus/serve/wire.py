@@ -1,0 +1,147 @@
+"""OpenAI's response objects, built as plain dicts: chat completions, text completions,
+their streaming chunks, usage and logprobs in both of OpenAI's logprob formats."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from tokenizers import Tokenizer
+
+from stratus.inference.detok import token_bytes
+from stratus.inference.request import Event
+
+
+@dataclass
+class Choice:
+    """What one request (one choice) has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, ev: Event) -> None:
+        self.text.append(ev.text)
+        if ev.token is not None:
+            self.tokens.append(ev.token)
+            if ev.logprob is not None:
+                self.logprobs.append((ev.token, ev.logprob, ev.top_logprobs or []))
+        if ev.finish_reason is not None:
+            self.finish_reason = ev.finish_reason
+
+
+def sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _piece(tok: Tokenizer, token: int) -> str:
+    return tok.decode([token], skip_special_tokens=False)
+
+
+def chat_logprobs(tok: Tokenizer, items: list[tuple[int, float, list[tuple[int, float]]]]) -> dict:
+    def entry(token: int, lp: float) -> dict:
+        return {"token": _piece(tok, token), "logprob": lp, "bytes": list(token_bytes(tok, token))}
+
+    return {
+        "content": [
+            {**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]} for t, lp, top in items
+        ],
+        "refusal": None,
+    }
+
+
+def completion_logprobs(
+    tok: Tokenizer, items: list[tuple[int, float, list[tuple[int, float]]]], offset: int = 0
+) -> dict:
+    tokens = [_piece(tok, t) for t, _, _ in items]
+    offsets, at = [], offset
+    for piece in tokens:
+        offsets.append(at)
+        at += len(piece)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for _, lp, _ in items],
+        "top_logprobs": [{_piece(tok, a): alp for a, alp in top} for _, _, top in items],
+        "text_offset": offsets,
+    }
+
+
+def chat_response(
+    rid: str, created: int, model: str, choices: list[Choice], logprobs: bool, tok: Tokenizer, use: dict
+) -> dict:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
+                "logprobs": chat_logprobs(tok, c.logprobs) if logprobs else None,
+                "finish_reason": c.finish_reason,
+            }
+            for i, c in enumerate(choices)
+        ],
+        "usage": use,
+    }
+
+
+def completion_response(
+    rid: str, created: int, model: str, choices: list[Choice], logprobs: bool, tok: Tokenizer, use: dict
+) -> dict:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": i,
+                "text": "".join(c.text),
+                "logprobs": completion_logprobs(tok, c.logprobs) if logprobs else None,
+                "finish_reason": c.finish_reason,
+            }
+            for i, c in enumerate(choices)
+        ],
+        "usage": use,
+    }
+
+
+def chat_chunk(rid: str, created: int, model: str, choices: list[dict], with_usage: bool) -> dict:
+    chunk = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
+    }
+    if with_usage:
+        chunk["usage"] = None  # OpenAI: null on every chunk but the last when include_usage is set
+    return chunk
+
+
+def completion_chunk(rid: str, created: int, model: str, choices: list[dict], with_usage: bool) -> dict:
+    chunk = {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
+    }
+    if with_usage:
+        chunk["usage"] = None
+    return chunk

@@ -1,0 +1,223 @@
+"""The continuous-batching engine: the per-row batched forward equals the model's own,
+chunked prefill and batching leave greedy output unchanged, per-request sampling and
+penalties, logprobs, stop strings, cancellation, the bounded queue, context overflow,
+the KV memory budget, and a failing model."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from stratus.data.tokenizer import load_tokenizer
+from stratus.errors import StratusError
+from stratus.inference.batched import SlotCache, forward_rows
+from stratus.inference.choose import choose
+from stratus.inference.detok import Detokenizer, token_bytes
+from stratus.inference.engine import Engine, EngineConfig, wait_idle
+from stratus.inference.request import ContextOverflow, QueueFull, Request, RequestParams
+from tests.serving import tiny_model, wait_until
+
+GREEDY = RequestParams(max_tokens=20, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_data: Path):
+    return load_tokenizer(tiny_data / "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture
+def engine(model, tok):
+    e = Engine(model, tok, EngineConfig(max_batch=4, max_queue=8, prefill_chunk=5)).start()
+    yield e
+    e.stop()
+
+
+def prompt(tok, text: str) -> list[int]:
+    return [0, *tok.encode(text, add_special_tokens=False).ids]
+
+
+def plain_greedy(model, ids: list[int], n: int, eos: int) -> list[int]:
+    """Greedy decoding by the model's own forward over the whole sequence each step."""
+    ids, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids]))[0, -1, :320].argmax())
+            if nxt == eos:
+                break
+            out.append(nxt)
+            ids.append(nxt)
+    return out
+
+
+def test_batched_forward_matches_the_model_at_different_positions(model):
+    cfg = model.cfg
+    cache = SlotCache(cfg, 4, cfg.max_seq_len, "cpu", torch.float32)
+    a, b = torch.randint(0, 320, (1, 21)), torch.randint(0, 320, (1, 9))
+    with torch.no_grad():
+        full_a, full_b = model(a), model(b)
+    # a in slot 2, prefilled in two chunks; b in slot 0 in one
+    forward_rows(model, cache, torch.tensor([2]), a[:, :7], torch.tensor([0]))
+    part = forward_rows(model, cache, torch.tensor([2]), a[:, 7:20], torch.tensor([7]), last_only=False)
+    whole_b = forward_rows(model, cache, torch.tensor([0]), b[:, :8], torch.tensor([0]), last_only=False)
+    torch.testing.assert_close(part[0], full_a[0, 7:20], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(whole_b[0], full_b[0, :8], atol=1e-4, rtol=1e-4)
+    # one decode step for both rows, at positions 20 and 8
+    step = forward_rows(
+        model, cache, torch.tensor([2, 0]), torch.cat([a[:, 20:], b[:, 8:]]), torch.tensor([20, 8])
+    )
+    torch.testing.assert_close(step[0], full_a[0, -1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step[1], full_b[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_concurrent_chunked_greedy_equals_plain_greedy(engine, model, tok):
+    prompts = [prompt(tok, t) for t in ["def alpha_1(beta):\n    return", "x", "value = count + total * 3"]]
+    results: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        results[i] = engine.generate(prompts[i], GREEDY).tokens
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for i, ids in enumerate(prompts):  # prompts of 2-9 tokens, prefill chunks of 5
+        assert results[i] == plain_greedy(model, ids, 20, engine.eos)
+
+
+def test_seed_reproduces_and_n_seeds_differ(engine, tok):
+    ids = prompt(tok, "def ")
+    params = RequestParams(max_tokens=24, temperature=1.0, seed=11)
+    a, b = engine.generate(ids, params), engine.generate(ids, params)
+    c = engine.generate(ids, RequestParams(max_tokens=24, temperature=1.0, seed=12))
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+
+
+def test_stop_string_cuts_the_text_and_ends_the_request(engine, tok):
+    ids = prompt(tok, "def ")
+    free = engine.generate(ids, RequestParams(max_tokens=30, temperature=0, ignore_eos=True))
+    stop = next(
+        free.text[i : i + 2] for i in range(4, len(free.text)) if "\ufffd" not in free.text[i : i + 2]
+    )
+    cut = engine.generate(ids, RequestParams(max_tokens=30, temperature=0, ignore_eos=True, stop=(stop,)))
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.index(stop)]
+    assert len(cut.tokens) < len(free.tokens)
+
+
+def test_detokenizer_holds_back_a_stop_string_arriving_in_pieces(tok):
+    ids = tok.encode("return alpha + beta", add_special_tokens=False).ids
+    d = Detokenizer(tok, ("a + b",))
+    sent = ""
+    for t in ids:
+        piece, stopped = d.add(t)
+        sent += piece
+        if stopped:
+            break
+    assert stopped and sent == "return alph"
+    assert token_bytes(tok, tok.encode("é", add_special_tokens=False).ids[0]) in ("é".encode(), b"\xc3")
+
+
+def test_penalties_and_logit_bias_change_the_choice(tok):
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.0])
+    req = Request([0], RequestParams(temperature=0, presence_penalty=1.5, logprobs=2), lambda e: None)
+    req.counts = torch.tensor([0.0, 1.0, 0.0, 0.0])  # token 1 already generated once
+    token, lp, top = choose(logits, req)
+    assert token == 3 and top[0][0] == 3 and lp == pytest.approx(top[0][1])
+    assert req.counts[3] == 1
+    req = Request([0], RequestParams(temperature=0, frequency_penalty=0.6), lambda e: None)
+    req.counts = torch.tensor([0.0, 2.0, 0.0, 0.0])  # 3 - 1.2 < 2
+    assert choose(logits, req)[0] == 3
+    req = Request([0], RequestParams(temperature=0, logit_bias=((2, 5.0),)), lambda e: None)
+    assert choose(logits, req)[0] == 2
+
+
+def test_logprobs_are_the_models_and_greedy_takes_the_top(engine, model, tok):
+    ids = prompt(tok, "x")
+    c = engine.generate(ids, RequestParams(max_tokens=5, temperature=0, logprobs=3, ignore_eos=True))
+    with torch.no_grad():
+        first = torch.log_softmax(model(torch.tensor([ids]))[0, -1, :320], -1)
+    token, lp, top = c.logprobs[0]
+    assert lp == pytest.approx(float(first[token]), abs=1e-5)
+    assert len(top) == 3 and top[0][0] == token and top[0][1] >= top[1][1] >= top[2][1]
+
+
+def test_cancel_frees_the_slot_at_once(engine, tok):
+    events = engine.stream(prompt(tok, "x"), RequestParams(max_tokens=100, temperature=0, ignore_eos=True))
+    next(events)
+    events.close()  # the consumer goes away after one token
+    assert wait_idle(engine, 5) and engine.running() == 0 and len(engine._free) == engine.slots
+
+
+def test_bounded_queue_refuses_before_queuing(model, tok):
+    e = Engine(model, tok, EngineConfig(max_batch=1, max_queue=1)).start()
+    try:
+        long = RequestParams(max_tokens=100, temperature=0, ignore_eos=True)
+        first = e.submit(prompt(tok, "x"), long, lambda ev: None)
+        wait_until(lambda: first.slot is not None, 5, "the first request never got a slot")
+        e.submit(prompt(tok, "y"), long, lambda ev: None)  # waits
+        with pytest.raises(QueueFull):
+            e.submit(prompt(tok, "z"), long, lambda ev: None)
+        assert e.queue_depth() == 1
+    finally:
+        e.stop()
+
+
+def test_context_overflow_is_reported_before_any_token(engine, tok):
+    ids = prompt(tok, "x")
+    got: list = []
+    with pytest.raises(ContextOverflow, match="maximum context length is 128"):
+        engine.submit(ids, RequestParams(max_tokens=128), got.append)
+    with pytest.raises(ContextOverflow):
+        engine.submit(list(range(1, 129)), RequestParams(), got.append)
+    assert got == [] and engine.idle()
+    # without max_tokens the completion may fill the context
+    c = engine.generate(ids, RequestParams(temperature=0, ignore_eos=True))
+    assert c.finish_reason == "length" and len(c.tokens) == 128 - len(ids)
+
+
+def test_short_request_after_a_long_one_finishes_first(engine, tok):
+    order: list[str] = []
+    long = engine.submit(
+        prompt(tok, "x"),
+        RequestParams(max_tokens=120, temperature=0, ignore_eos=True),
+        lambda ev: ev.finish_reason and order.append("long"),
+    )
+    wait_until(lambda: long.completion_tokens >= 2, 5, "the long request did not start")
+    engine.submit(
+        prompt(tok, "y"),
+        RequestParams(max_tokens=3, temperature=0, ignore_eos=True),
+        lambda ev: ev.finish_reason and order.append("short"),
+    )
+    wait_until(lambda: len(order) == 2, 20, "the requests did not finish")
+    assert order == ["short", "long"]
+
+
+def test_kv_budget_caps_the_slots(model, tok):
+    per_slot = SlotCache.bytes_per_slot(
+        model.cfg, 128, torch.float32
+    )  # 2 layers x 2 x 2 heads x 128 x 8 x 4 B
+    e = Engine(model, tok, EngineConfig(max_batch=16, kv_cache_mb=3 * per_slot / 2**20))
+    assert e.slots == 3 and e.cache.nbytes == 3 * per_slot
+    with pytest.raises(StratusError, match="holds no sequence"):
+        Engine(model, tok, EngineConfig(kv_cache_mb=per_slot / 2**21))
+
+
+def test_a_failing_model_fails_every_request_and_the_engine(model, tok, monkeypatch):
+    e = Engine(model, tok, EngineConfig(max_batch=2)).start()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr("stratus.inference.engine.forward_rows", broken)
+    events = list(e.stream(prompt(tok, "x"), GREEDY))
+    assert events[-1].finish_reason == "error" and "device lost" in events[-1].error
+    wait_until(lambda: not e.alive, 5, "the engine still claims to be alive")
+    assert isinstance(e.error, RuntimeError)

@@ -1,0 +1,119 @@
+"""Planner formulas against hand-computed values from the papers they come from."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from stratus.errors import StratusError
+from stratus.plan import model as M
+from stratus.plan.presets import PRESETS, resolve
+
+
+def gpt(layers, hidden, heads, vocab, seq, tie=True):
+    return M.ModelShape("t", "gpt", layers, hidden, heads, heads, 4 * hidden, vocab, seq, tie)
+
+
+def test_gpt3_175b_has_174_6b_parameters_by_narayanan():
+    # 12 l h^2 (1 + 13/(12h) + (V+s)/(12lh)) with l=96, h=12288, V=51200, s=2048
+    p = M.narayanan_params(96, 12288, 51200, 2048)
+    assert round(p / 1e9, 1) == 174.6
+    by_hand = 12 * 96 * 12288**2 * (1 + 13 / (12 * 12288) + (51200 + 2048) / (12 * 96 * 12288))
+    assert p == pytest.approx(by_hand, rel=1e-12)
+    # the per-matrix count adds only the final LayerNorm (2h) to Narayanan's formula
+    assert M.param_count(PRESETS["gpt3-175b"]) == pytest.approx(p + 2 * 12288, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "name, billions",
+    [("llama3-8b", 8.03), ("llama3-70b", 70.55), ("llama3-405b", 405.85)],
+)
+def test_llama3_presets_have_their_published_sizes(name, billions):
+    assert M.param_count(PRESETS[name]) / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_flops_per_iteration_match_korthikanti_and_narayanan():
+    # GPT-3 175B, B = 1536 (Narayanan's run): no recompute 72 B s l h^2 (1 + s/6h + V/(12hl)),
+    # full recompute 96 B s l h^2 (1 + s/6h + V/(16lh)).
+    m, B = PRESETS["gpt3-175b"], 1536
+    s, L, h, V = 2048, 96, 12288, 51200
+    base = B * s * L * h * h
+    assert M.iteration_flops(m, B, "none") == pytest.approx(72 * base * (1 + s / (6 * h) + V / (12 * h * L)))
+    assert M.iteration_flops(m, B, "full") == pytest.approx(96 * base * (1 + s / (6 * h) + V / (16 * L * h)))
+    # Korthikanti: selective recompute adds only the attention core's forward (4 s h per token per layer)
+    extra = M.iteration_flops(m, B, "selective") - M.iteration_flops(m, B, "none")
+    assert extra == 4 * s * h * L * B * s
+    # by hand: 6 N D + 12 l h s D with N = 174.6e9 and D = 1536 x 2048 tokens is 3.386e18
+    tokens = B * s
+    by_hand = 6 * 174.6e9 * tokens + 12 * L * h * s * tokens
+    assert by_hand == pytest.approx(3.386e18, rel=1e-3)
+    assert M.iteration_flops(m, B, "none") == pytest.approx(by_hand, rel=2e-3)
+
+
+def test_llama_flops_agree_with_the_trainer_formula():
+    # stratus.model.counts gives 6 (N_non_embedding + V d) + 12 L d T; norms are its only extra
+    m = PRESETS["llama3-8b"]
+    theirs = 6 * (m.layers * (M.layer_params(m)) + m.hidden + m.vocab * m.hidden) + 12 * 32 * 4096 * 8192
+    assert M.model_flops_per_token(m) == pytest.approx(theirs, rel=1e-4)
+
+
+def test_counts_match_stratus_model_counts():
+    from stratus.config import ModelConfig
+    from stratus.model.counts import flops_per_token, param_count  # imports torch via stratus.model
+
+    cfg = ModelConfig(
+        vocab_size=128256, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, ffn_hidden=14336
+    )
+    m = PRESETS["llama3-8b"]
+    assert M.param_count(m) == param_count(cfg)
+    assert M.model_flops_per_token(m) == pytest.approx(flops_per_token(cfg, 8192), rel=1e-4)
+
+
+# Korthikanti et al. 2022, Table 2: activation bytes per layer, 16-bit, GPT with dropout.
+S, B, H, A, T = 2048, 1, 12288, 96, 8
+
+
+@pytest.mark.parametrize(
+    "tp, recompute, sp, expected",
+    [
+        (1, "none", True, S * B * H * (34 + 5 * A * S / H)),
+        (T, "none", False, S * B * H * (10 + 24 / T + 5 * A * S / (H * T))),
+        (T, "none", True, S * B * H / T * (34 + 5 * A * S / H)),
+        (T, "selective", True, 34 * S * B * H / T),
+        (T, "full", False, 2 * S * B * H),
+        (T, "full", True, 2 * S * B * H / T),
+    ],
+)
+def test_korthikanti_activation_memory(tp, recompute, sp, expected):
+    m = gpt(96, H, A, 51200, S)
+    got = M.activation_bytes_per_layer(m, B, tp, recompute, sequence_parallel=sp, flash_attention=False)
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_korthikanti_gpt3_example_in_gigabytes():
+    # GPT-3 175B, t=8, sequence parallel + selective recompute: 34 s b h / t = 107 MB per layer,
+    # 10.3 GB for 96 layers per micro batch in flight (their Figure 7's order of magnitude)
+    m = PRESETS["gpt3-175b"]
+    per_layer = M.activation_bytes_per_layer(m, 1, 8, "selective", True, False)
+    assert per_layer / 1e6 == pytest.approx(107.0, abs=0.1)
+    assert 96 * per_layer / 1e9 == pytest.approx(10.3, abs=0.1)
+
+
+def test_flash_attention_drops_the_score_term():
+    m = PRESETS["gpt3-175b"]
+    flash = M.activation_bytes_per_layer(m, 1, 1, "none", True, True)
+    assert flash == pytest.approx(34 * S * B * H)
+    # with flash, selective recompute drops the norm outputs and the MLP activation output
+    sel = M.activation_bytes_per_layer(m, 1, 1, "selective", True, True)
+    assert sel == pytest.approx((34 - 4 - 8) * S * B * H)
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(StratusError, match="--heads 7 must divide --hidden"):
+        resolve(None, layers=2, hidden=64, heads=7, seq_len=16, vocab=100)
+    with pytest.raises(StratusError, match="missing --vocab"):
+        resolve(None, layers=2, hidden=64, heads=8, seq_len=16)
+    with pytest.raises(StratusError, match="unknown model"):
+        resolve("gpt5")
+    assert math.isclose(resolve("llama3-8b", seq_len=4096).seq_len, 4096)
