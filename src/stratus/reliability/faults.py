@@ -9,8 +9,9 @@ separated by commas, from `reliability.faults` and the STRATUS_FAULTS variable.
     crash_during_save@step=40    die half-way through writing the checkpoint of step 40
     corrupt_checkpoint@step=60   flip a byte of the checkpoint of step 60 once it is complete
 
-A fault without rank= hits rank 0. Each fires once per run: before firing, the rank creates
-RUN/faults/<spec> exclusively, so a restarted worker finds it and does not fire again.
+A fault without rank= hits rank 0. Each fires once per run (times=N: up to N times, to
+rehearse a crash loop): before firing, the rank creates RUN/faults/<spec>-<n> exclusively, so
+a restarted worker finds it and does not fire again.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Fault:
     step: int | None = None
     rank: int = 0
     factor: float = 1.0
+    times: int = 1
 
     @property
     def name(self) -> str:
@@ -50,8 +52,8 @@ def parse_faults(text: str) -> list[Fault]:
         values: dict[str, str] = {}
         for part in filter(None, args.split(":")):
             key, eq, value = part.partition("=")
-            if not eq or key not in ("step", "rank", "factor"):
-                raise StratusError(f"fault {spec!r}: {part!r} is not step=N, rank=N or factor=X")
+            if not eq or key not in ("step", "rank", "factor", "times"):
+                raise StratusError(f"fault {spec!r}: {part!r} is not step=N, rank=N, factor=X or times=N")
             values[key] = value
         try:
             fault = Fault(
@@ -59,6 +61,7 @@ def parse_faults(text: str) -> list[Fault]:
                 int(values["step"]) if "step" in values else None,
                 int(values.get("rank", 0)),
                 float(values.get("factor", 50.0 if kind == "spike" else 2.0 if kind == "slow" else 1.0)),
+                int(values.get("times", 1)),
             )
         except ValueError:
             raise StratusError(f"fault {spec!r}: step and rank are integers, factor a number") from None
@@ -80,16 +83,18 @@ class FaultInjector:
                 self.slow_factor = f.factor
 
     def _claim(self, fault: Fault) -> bool:
-        """True exactly once per run for each fault: the marker file is created exclusively."""
+        """True at most fault.times per run: each firing creates its marker file exclusively."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.dir / fault.name, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        os.write(fd, f"{time.time()}\n".encode())
-        os.fsync(fd)
-        os.close(fd)
-        return True
+        for n in range(1, fault.times + 1):
+            try:
+                fd = os.open(self.dir / f"{fault.name}-{n}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+            os.write(fd, f"{time.time()}\n".encode())
+            os.fsync(fd)
+            os.close(fd)
+            return True
+        return False
 
     def due(self, kind: str, step: int) -> Fault | None:
         for f in self.faults:

@@ -18,10 +18,9 @@ def process_start_time() -> float:
     """When this process started (Linux /proc), so interpreter and import time count as start-up."""
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        stat = Path("/proc/stat").read_text().splitlines()
-        boot = next(int(line.split()[1]) for line in stat if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        uptime = float(Path("/proc/uptime").read_text().split()[0])  # finer than /proc/stat's btime
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
         return time.time()
 
 

@@ -1,0 +1,325 @@
+"""Surviving faults with real processes and real files: SIGKILL at random steps (1 and 2
+ranks), a crash in the middle of a save, corrupt and full-disk checkpoints, a stopped rank,
+NaN and spike injection, crash loops, stragglers, goodput."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stratus.checkpoint.manager import list_checkpoints, newest_verified
+from stratus.checkpoint.manifest import verify
+from stratus.errors import StratusError
+from stratus.reliability.faults import Fault, parse_faults
+from tests.conftest import ROOT, metrics
+
+TINY = [
+    "--model.n_layers=2",
+    "--model.d_model=32",
+    "--model.n_heads=4",
+    "--model.n_kv_heads=2",
+    "--model.max_seq_len=64",
+    "--data.seq_len=32",
+    "--train.lr=3e-3",
+    "--train.warmup_steps=1",
+    "--train.global_batch=8",
+    "--train.micro_batch=8",
+    "--log.interval=1",
+    "--log.tensorboard=false",
+    "--eval.interval=0",
+    "--train.deterministic=true",
+    "--checkpoint.interval=2",
+    "--checkpoint.keep=3",
+]
+STEPS = 12
+
+
+def stratus(
+    *args: str, faults: str = "", nproc: int = 1, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STRATUS_FAULTS": faults}
+    cmd = [sys.executable, "-m", "stratus", *args]
+    if nproc > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "--max-restarts=10",
+            "-m",
+            "stratus",
+            *args,
+        ]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def train_args(data: Path, run: Path, *extra: str) -> list[str]:
+    return ["train", f"--data.path={data}", f"--run.dir={run}", *TINY, f"--train.steps={STEPS}", *extra]
+
+
+def curve(run: Path) -> dict[int, tuple]:
+    """Step -> (loss, grad_norm), the last line for each step (a restart redoes some steps)."""
+    return {r["step"]: (r["loss"], r.get("grad_norm")) for r in metrics(run) if "grad_norm" in r}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data: Path, tmp_path_factory) -> dict[int, tuple]:
+    run = tmp_path_factory.mktemp("ref") / "run"
+    r = stratus(*train_args(tiny_data, run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return curve(run)
+
+
+def test_fault_specs_parse_and_refuse_nonsense():
+    assert parse_faults("kill@step=37:rank=1, hang@step=50,slow@rank=0:factor=2") == [
+        Fault("kill", 37, 1),
+        Fault("hang", 50, 0),
+        Fault("slow", None, 0, 2.0),
+    ]
+    assert parse_faults("spike@step=3")[0].factor == 50.0
+    for bad in ("explode@step=1", "kill", "kill@step=x", "nan@when=3"):
+        with pytest.raises(StratusError):
+            parse_faults(bad)
+
+
+def test_sigkill_at_random_steps_one_rank_resumes_bit_identical(reference, tiny_data: Path, tmp_path: Path):
+    steps = sorted(random.Random(7).sample(range(2, STEPS + 1), 5))
+    faults = ",".join(f"kill@step={s}" for s in steps)
+    run = tmp_path / "run"
+    r = stratus(*train_args(tiny_data, run), "--max-restarts=10", faults=faults)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert curve(run) == reference  # every step's loss and grad norm, bit for bit
+    restarts = [json.loads(x) for x in (run / "restarts.jsonl").read_text().splitlines()]
+    assert len(restarts) == 5 and all("SIGKILL" in x["failure"] for x in restarts)
+    g = json.loads((run / "goodput.json").read_text())
+    assert g["restarts"] == 5 and g["recomputed_s"] > 0 and g["startup_s"] > 0
+    wall = g["last_update"] - g["first_start"]
+    parts = sum(g[k] for k in ("productive_s", "recomputed_s", "checkpoint_s", "startup_s", "downtime_s"))
+    assert 0.6 * wall < parts <= wall * 1.01  # the split accounts for the wall time
+
+
+def test_sigkill_two_ranks_fsdp_resumes_bit_identical(reference, tiny_data: Path, tmp_path: Path):
+    faults = "kill@step=3:rank=1,kill@step=6:rank=0,kill@step=9:rank=1"
+    run = tmp_path / "run"
+    r = stratus(
+        *train_args(tiny_data, run, "--parallel.dp_shard=2", "--train.micro_batch=4"), faults=faults, nproc=2
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = curve(run)
+    assert sorted(two) == list(range(1, STEPS + 1))
+    # 2 FSDP ranks reduce in another order than 1 process: the same to fp32 rounding, and the
+    # resumed run equals the uninterrupted 2-rank run bit for bit
+    whole = tmp_path / "whole"
+    r = stratus(*train_args(tiny_data, whole, "--parallel.dp_shard=2", "--train.micro_batch=4"), nproc=2)
+    assert r.returncode == 0
+    assert two == curve(whole)
+    for step, (loss, _) in reference.items():
+        assert two[step][0] == pytest.approx(loss, rel=1e-4)
+
+
+def test_crash_during_async_save_is_never_taken_as_latest(reference, tiny_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    r = stratus(
+        *train_args(tiny_data, run, "--checkpoint.async_save=true"),
+        "--max-restarts=3",
+        faults="crash_during_save@step=6",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    restarts = [json.loads(x) for x in (run / "restarts.jsonl").read_text().splitlines()]
+    assert len(restarts) == 1 and restarts[0]["resume_step"] == 4  # the half-written step 6 was not used
+    assert curve(run) == reference
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the debris was cleared by the re-save
+
+
+def test_corrupted_newest_checkpoint_is_skipped_on_restart(reference, tiny_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    r = stratus(
+        *train_args(tiny_data, run), "--max-restarts=3", faults="corrupt_checkpoint@step=6,kill@step=8"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    restarts = [json.loads(x) for x in (run / "restarts.jsonl").read_text().splitlines()]
+    assert restarts[0]["resume_step"] == 6  # `latest` says 6, but its checksum fails ...
+    log = (run / "train.log").read_text()
+    assert "step-00000006 is unusable" in log and "resumed from" in log and "step-00000004" in log
+    assert curve(run) == reference  # ... so step 4 was used and nothing was lost
+
+
+def test_full_disk_fails_cleanly_and_keeps_the_previous_checkpoint(tiny_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(run / "checkpoints")],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {mounted.stderr.strip()}")
+    try:
+        r = stratus(*train_args(tiny_data, run, "--train.steps=6", "--checkpoint.keep=5"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        failed = [m for m in metrics(run) if "checkpoint_failed" in m]
+        assert failed and "No space left on device" in failed[0]["checkpoint_failed"]
+        assert "the previous checkpoint step-00000002 is kept" in failed[0]["checkpoint_failed"]
+        good = newest_verified(run / "checkpoints")
+        assert good is not None and good[0] == 2 and verify(good[1]) is None
+        assert not list((run / "checkpoints").glob(".tmp-*"))  # the partial save was removed
+        stop = stratus(
+            *train_args(tiny_data, tmp_path / "run", "--train.steps=8", "--checkpoint.on_failure=stop")
+        )
+        assert stop.returncode == 3 and "No space left on device" in stop.stderr
+    finally:
+        subprocess.run(["umount", str(run / "checkpoints")], check=False)
+
+
+def _rank_pid(run: Path, rank: int, timeout: float = 60) -> int:
+    """The pid of a torchrun worker of this run with this RANK, read from /proc."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+                env = (proc / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            worker = b"torch.distributed.run" not in cmd and f"--run.dir={run}".encode() in cmd
+            if worker and f"RANK={rank}".encode() in env:
+                return int(proc.name)
+        time.sleep(0.2)
+    raise AssertionError("worker not found")
+
+
+def test_sigstop_one_rank_watchdog_fires_and_the_job_recovers(tiny_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    args = train_args(
+        tiny_data,
+        run,
+        "--parallel.dp_shard=2",
+        "--train.micro_batch=4",
+        "--train.steps=30",
+        "--reliability.hang_timeout_s=4",
+        "--checkpoint.interval=5",
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STRATUS_FAULTS": ""}
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "--max-restarts=3",
+            "-m",
+            "stratus",
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (run / "metrics.jsonl").exists() or len(metrics(run)) < 6:
+            assert time.time() < deadline and job.poll() is None
+            time.sleep(0.2)
+        os.kill(_rank_pid(run, 1), signal.SIGSTOP)
+        out, _ = job.communicate(timeout=240)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out[-3000:]
+    dumps = list((run / "hangs").glob("rank0-*.txt"))
+    assert dumps and "stacks of every thread" in dumps[0].read_text()
+    assert "Thread" in dumps[0].read_text() or "File" in dumps[0].read_text()
+    assert max(m["step"] for m in metrics(run)) == 30
+
+
+def test_nan_step_is_skipped_everywhere_and_counted(tiny_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    r = stratus(*train_args(tiny_data, run, "--train.steps=6"), faults="nan@step=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {m["step"]: m for m in metrics(run)}
+    assert rows[3]["skipped"] == "nonfinite" and rows[3]["grad_norm"] is None
+    assert rows[2]["skipped_nonfinite"] == 0 and rows[6]["skipped_nonfinite"] == 1
+    assert all(m["loss"] == m["loss"] for s, m in rows.items() if s != 3)  # finite again after the skip
+
+
+def test_spike_rolls_back_and_skips_data(tiny_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    r = stratus(
+        *train_args(tiny_data, run, "--reliability.spike_min_steps=3", "--reliability.spike_skip_steps=4"),
+        faults="spike@step=7",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    spike = next(m for m in metrics(run) if m.get("spike"))
+    assert spike["rollback_from"] == 7 and spike["rollback_to"] == 6
+    assert spike["data_skipped_to"] == (7 + 4) * 8  # past the spike batch and 4 more global batches
+    assert max(m["step"] for m in metrics(run)) == STEPS
+
+    stop = stratus(
+        *train_args(
+            tiny_data, tmp_path / "unstable", "--reliability.spike_min_steps=3", "--reliability.max_spikes=2"
+        ),
+        faults="spike@step=5,spike@step=8",
+    )
+    assert stop.returncode == 3 and "loss spike 2 of reliability.max_spikes = 2" in stop.stderr
+
+
+def test_crash_loop_stops_with_a_diagnosis(tiny_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    r = stratus(*train_args(tiny_data, run), "--max-restarts=10", faults="kill@step=5:times=10")
+    assert r.returncode == 3
+    assert "crash loop" in r.stderr and "step 4" in r.stderr
+    assert len((run / "restarts.jsonl").read_text().splitlines()) == 3
+
+
+def test_hang_is_caught_by_the_watchdog_and_restarted(reference, tiny_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    r = stratus(
+        *train_args(tiny_data, run, "--reliability.hang_timeout_s=3"),
+        "--max-restarts=2",
+        faults="hang@step=5",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "hang (watchdog)" in (run / "restarts.jsonl").read_text()
+    assert "stacks of every thread" in next((run / "hangs").glob("rank0-*.txt")).read_text()
+    assert curve(run) == reference
+
+
+def test_straggler_is_named(tiny_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    r = stratus(
+        *train_args(
+            tiny_data,
+            run,
+            "--parallel.dp_shard=2",
+            "--train.micro_batch=4",
+            "--train.steps=6",
+            "--reliability.straggler_interval=2",
+        ),
+        faults="slow@rank=1:factor=4",
+        nproc=2,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    reports = [s for m in metrics(run) for s in m.get("stragglers", [])]
+    assert reports and {s["rank"] for s in reports} == {1}
+    assert "straggler: rank 1" in (run / "train.log").read_text()
+
+
+def test_retention_never_deletes_the_last_verified(tiny_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    r = stratus(*train_args(tiny_data, run, "--checkpoint.keep=1", "--train.steps=6"))
+    assert r.returncode == 0
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [6]
