@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -143,7 +144,7 @@ class CheckpointManager:
                     )
                 else:
                     dcp.save(state, checkpoint_id=pending.tmp, no_dist=_no_dist(env))
-        except Exception as e:  # any failure to write is reported, never fatal here
+        except (Exception, CheckpointException) as e:  # any failure to write is reported, never fatal here
             error = e
         self._agree_or_raise(error, pending)
         return pending
@@ -155,7 +156,7 @@ class CheckpointManager:
         try:
             if pending.future is not None:
                 pending.future.result()
-        except Exception as e:  # reported on every rank below
+        except (Exception, CheckpointException) as e:  # reported on every rank below
             error = e
         self._agree_or_raise(error, pending)
         final = self.root / step_name(pending.step)
@@ -197,7 +198,7 @@ class CheckpointManager:
             if newest
             else "there is no earlier checkpoint"
         )
-        why = f"{type(error).__name__}: {error}" if error is not None else "another rank failed to write"
+        why = _reason(error) if error is not None else "another rank failed to write"
         raise SaveError(f"checkpoint of step {pending.step} failed ({why}); {kept}")
 
     def _retain(self, newest: int) -> None:
@@ -233,6 +234,16 @@ class CheckpointManager:
             )
         trainer = json.loads((path / "trainer.json").read_text())
         return Loaded(step=int(trainer["step"]), path=path, trainer=trainer)
+
+
+def _reason(error: BaseException) -> str:
+    """One line for a failed write; DCP wraps each rank's failure with its whole traceback."""
+    text = str(error)
+    if "No space left on device" in text:
+        return "OSError: [Errno 28] No space left on device"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return last if isinstance(error, CheckpointException) else f"{type(error).__name__}: {last}"
 
 
 def load_model_weights(path: Path, model: nn.Module) -> None:

@@ -66,22 +66,27 @@ def train(cfg: Config) -> Summary:
     # Checked on every rank before any collective: a bad layout fails fast everywhere.
     layout = resolve_layout(cfg.parallel, int(os.environ.get("WORLD_SIZE", 1)), cfg.model)
     env = denv.setup(cfg.train.device, cfg.parallel.timeout_s)
+    # Watch from the start: a rank can also hang while joining, loading or restoring.
+    heartbeat = os.environ.get("STRATUS_HEARTBEAT") if env.is_main else None
+    watchdog = Watchdog(
+        cfg.reliability.hang_timeout_s, Path(cfg.run.dir), env.rank, Path(heartbeat) if heartbeat else None
+    ).start()
     try:
-        return Trainer(build_job(cfg, env, layout)).run()
+        return Trainer(build_job(cfg, env, layout), watchdog).run()
     finally:
+        watchdog.stop()
         denv.teardown()
 
 
 class Trainer:
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, watchdog: Watchdog):
         self.job, cfg, env = job, job.cfg, job.env
         rc = cfg.reliability
         self.step, self.samples_seen, self.resumed_from = 0, 0, None
         self.detector = SpikeDetector(rc.spike_zscore, rc.spike_window, rc.spike_min_steps, rc.max_spikes)
         self.faults = FaultInjector(configured_faults(rc.faults), env.rank, job.run)
         self.goodput = Goodput(job.run, env.is_main)
-        heartbeat = os.environ.get("STRATUS_HEARTBEAT") if env.is_main else None
-        self.watchdog = Watchdog(rc.hang_timeout_s, job.run, env.rank, Path(heartbeat) if heartbeat else None)
+        self.watchdog = watchdog
         self.policy = CheckpointPolicy(cfg.checkpoint, rc.mtbf_hours)
         self.pending: PendingSave | None = None
         self.metrics = MetricsWriter(job.run, env.is_main, cfg.log.tensorboard)
@@ -104,7 +109,7 @@ class Trainer:
         progress = StepProgress(
             self.job.console, self.job.rich and self.job.env.is_main, self.step, cfg.train.steps
         )
-        self.watchdog.start()
+        self.watchdog.beat()
         self.goodput.training_started()
         window_start, window_steps = time.perf_counter(), 0
         try:
@@ -133,7 +138,6 @@ class Trainer:
                 self.watchdog.beat()
             self._finish_pending()
         finally:
-            self.watchdog.stop()
             progress.close()
             self.goodput.save()
             self.metrics.close()
