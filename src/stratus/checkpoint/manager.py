@@ -25,6 +25,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -105,6 +106,7 @@ class CheckpointManager:
     def __init__(self, root: Path, env: DistEnv, keep: int = 3, keep_every: int = 0, async_group=None):
         self.root, self.env, self.keep, self.keep_every = Path(root), env, keep, keep_every
         self.async_group = async_group  # a separate process group: async writes must not race training's
+        self._stager = None  # kept across saves, so its CPU staging buffers are allocated once
 
     # --- save ----------------------------------------------------------------------------
 
@@ -136,10 +138,22 @@ class CheckpointManager:
             torch.save(get_rng_state(), pending.tmp / "rng" / f"rank-{env.rank:05d}.pt")
             with _one_process_ok():
                 if asynchronous:
+                    if self._stager is None:
+                        cuda = env.device.type == "cuda"
+                        # staging finishes before the loop goes on (the optimizer must not change
+                        # what is being copied); the write itself runs in the background
+                        options = StagingOptions(
+                            use_pinned_memory=cuda,
+                            use_shared_memory=False,
+                            use_async_staging=False,
+                            use_non_blocking_copy=cuda,
+                        )
+                        self._stager = DefaultStager(options)
                     pending.future = dcp.async_save(
                         state,
                         checkpoint_id=pending.tmp,
                         process_group=self.async_group,
+                        async_stager=self._stager,
                         no_dist=_no_dist(env),
                     )
                 else:
