@@ -65,12 +65,14 @@ class Summary:
 def train(cfg: Config) -> Summary:
     # Checked on every rank before any collective: a bad layout fails fast everywhere.
     layout = resolve_layout(cfg.parallel, int(os.environ.get("WORLD_SIZE", 1)), cfg.model)
-    env = denv.setup(cfg.train.device, cfg.parallel.timeout_s)
-    # Watch from the start: a rank can also hang while joining, loading or restoring.
-    heartbeat = os.environ.get("STRATUS_HEARTBEAT") if env.is_main else None
+    # Watch from the start: a rank can also hang while joining the group (gloo and NCCL
+    # set-up can wait on a peer that died), loading or restoring.
+    rank = int(os.environ.get("RANK", 0))
+    heartbeat = os.environ.get("STRATUS_HEARTBEAT") if rank == 0 else None
     watchdog = Watchdog(
-        cfg.reliability.hang_timeout_s, Path(cfg.run.dir), env.rank, Path(heartbeat) if heartbeat else None
+        cfg.reliability.hang_timeout_s, Path(cfg.run.dir), rank, Path(heartbeat) if heartbeat else None
     ).start()
+    env = denv.setup(cfg.train.device, cfg.parallel.timeout_s)
     try:
         return Trainer(build_job(cfg, env, layout), watchdog).run()
     finally:
