@@ -59,6 +59,24 @@ TINY = {
 }
 
 
+# The same tiny model as TINY, as CLI flags for tests that run real processes (torchrun).
+TINY_ARGS = [
+    "--model.n_layers=2",
+    "--model.d_model=32",
+    "--model.n_heads=4",
+    "--model.n_kv_heads=2",
+    "--model.max_seq_len=64",
+    "--data.seq_len=32",
+    "--train.lr=3e-3",
+    "--train.warmup_steps=1",
+    "--train.global_batch=8",
+    "--log.interval=1",
+    "--log.tensorboard=false",
+    "--eval.interval=0",
+    "--train.deterministic=true",
+]
+
+
 @pytest.fixture
 def tiny_config(tiny_data: Path, tmp_path: Path):
     """A factory: tiny_config(**overrides) with dotted keys written as section__key."""

@@ -19,23 +19,9 @@ from stratus.checkpoint.load import load_trained
 from stratus.config import ParallelConfig, load_config
 from stratus.distributed.layout import resolve_layout
 from stratus.errors import StratusError
-from tests.conftest import ROOT, metrics
+from tests.conftest import ROOT, TINY_ARGS, metrics
 
-TINY = [
-    "--model.n_layers=2",
-    "--model.d_model=32",
-    "--model.n_heads=4",
-    "--model.n_kv_heads=2",
-    "--model.max_seq_len=64",
-    "--data.seq_len=32",
-    "--train.lr=3e-3",
-    "--train.warmup_steps=1",
-    "--train.global_batch=8",
-    "--log.interval=1",
-    "--log.tensorboard=false",
-    "--eval.interval=0",
-    "--train.deterministic=true",
-]
+TINY = TINY_ARGS
 
 
 def torchrun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -19,25 +19,16 @@ from stratus.checkpoint.manager import list_checkpoints, newest_verified
 from stratus.checkpoint.manifest import verify
 from stratus.errors import StratusError
 from stratus.reliability.faults import Fault, parse_faults
-from tests.conftest import ROOT, metrics
+from tests.conftest import ROOT, TINY_ARGS, metrics
 
 TINY = [
-    "--model.n_layers=2",
-    "--model.d_model=32",
-    "--model.n_heads=4",
-    "--model.n_kv_heads=2",
-    "--model.max_seq_len=64",
-    "--data.seq_len=32",
-    "--train.lr=3e-3",
-    "--train.warmup_steps=1",
-    "--train.global_batch=8",
+    *TINY_ARGS,
     "--train.micro_batch=8",
-    "--log.interval=1",
-    "--log.tensorboard=false",
-    "--eval.interval=0",
-    "--train.deterministic=true",
     "--checkpoint.interval=2",
     "--checkpoint.keep=3",
+    # a lost peer must fail fast, not after the default ten minutes
+    "--parallel.timeout_s=30",
+    "--reliability.hang_timeout_s=30",
 ]
 STEPS = 12
 

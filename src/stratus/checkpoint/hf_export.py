@@ -12,12 +12,12 @@ one. tests/test_hf_export.py holds the logits of both equal within 1e-4.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from stratus.checkpoint.atomic import atomic_directory, refuse_existing
 from stratus.checkpoint.load import load_trained
 from stratus.data.tokenizer import EOS, load_tokenizer
 from stratus.errors import StratusError
@@ -78,8 +78,7 @@ def llama_config(cfg, eos: int, dtype: str) -> dict:
 
 def export_hf(source: str | Path, out: str | Path, force: bool = False) -> Path:
     out = Path(out)
-    if out.exists() and not force:
-        raise StratusError(f"{out} already exists: use --force to replace it, or another --out")
+    refuse_existing(out, force)
     trained = load_trained(source)
     if not trained.tokenizer_path.is_file():
         raise StratusError(f"no tokenizer.json next to {trained.source}: the run directory is incomplete")
@@ -94,11 +93,7 @@ def export_hf(source: str | Path, out: str | Path, force: bool = False) -> Path:
         weights.pop("lm_head.weight")  # tie_word_embeddings: transformers ties it on load
     dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(out) as tmp:
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         _write_json(tmp / "config.json", llama_config(cfg, eos, dtype))
         _write_json(
@@ -118,11 +113,6 @@ def export_hf(source: str | Path, out: str | Path, force: bool = False) -> Path:
                 **special,
             },
         )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -5,6 +5,7 @@ the other ranks' watchdogs, or the supervisor's heartbeat check, catch that case
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import os
@@ -26,6 +27,13 @@ class Watchdog:
         self._thread = threading.Thread(target=self._watch, name="stratus-watchdog", daemon=True)
 
     def start(self) -> Watchdog:
+        hangs = self.run_dir / "hangs"
+        hangs.mkdir(parents=True, exist_ok=True)
+        for stale in hangs.glob(f"native-rank{self.rank}-*.txt"):  # left empty by a killed process
+            if stale.stat().st_size == 0:
+                stale.unlink()
+        self._native_path = hangs / f"native-rank{self.rank}-{os.getpid()}.txt"
+        self._native = open(self._native_path, "w")  # noqa: SIM115 - held for faulthandler until stop()
         self.beat()
         self._thread.start()
         return self
@@ -33,11 +41,18 @@ class Watchdog:
     def beat(self) -> None:
         """Progress was made (a step, an evaluation, a checkpoint)."""
         self._last = time.monotonic()
+        faulthandler.dump_traceback_later(1.5 * self.timeout_s + 5, exit=True, file=self._native)
         if self.heartbeat_file is not None:  # for a supervisor watching from outside
             self.heartbeat_file.touch()
 
     def stop(self) -> None:
         self._stop.set()
+        faulthandler.cancel_dump_traceback_later()
+        self._native.close()
+        if self._native_path.stat().st_size == 0:  # nothing hung: leave no empty file behind
+            self._native_path.unlink()
+            with contextlib.suppress(OSError):
+                self._native_path.parent.rmdir()
 
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, self.timeout_s / 10)):
@@ -61,4 +76,6 @@ class Watchdog:
         )
         for h in logging.getLogger("stratus").handlers:
             h.flush()
+        self._native.close()
+        self._native_path.unlink()  # this dump says it all; the native backstop never fired
         os._exit(EXIT_HANG)

@@ -95,7 +95,7 @@ class Trainer:
         self.meta = {"config_hash": cfg.hash(), "model": cfg.model.model_dump()}
         self.last_loss: float | None = None
         self.val_loss: float | None = None
-        self.step_times: list[float] = []
+        self.work_times: list[float] = []  # this rank's own compute per step, before injected delays
         if job.resume_from is not None:
             self._restore(job.resume_from, with_detector=True)
             self.resumed_from = self.step
@@ -120,7 +120,6 @@ class Trainer:
                 record = self.train_step()
                 seconds = time.perf_counter() - started
                 self.goodput.step(self.step, seconds)
-                self.step_times.append(seconds)
                 window_steps += 1
                 if self._log_due(end):
                     record.update(self._throughput(window_start, window_steps))
@@ -172,6 +171,7 @@ class Trainer:
         job, env, tc = self.job, self.job.env, self.job.cfg.train
         step = self.step + 1
         self.faults.at_step_start(step)
+        started = time.perf_counter()
         loss_local, grad_norm = self._forward_backward(step)
         loss = denv.all_reduce_mean(env, loss_local).item()
         spike = self.faults.due("spike", step)
@@ -198,7 +198,8 @@ class Trainer:
         job.optimizer.zero_grad(set_to_none=True)
         job.scheduler.step()
         self.step, self.samples_seen = step, self.samples_seen + job.global_batch
-        self.faults.slow_down(self.step_times[-1] if self.step_times else 0.0)
+        self.work_times.append(time.perf_counter() - started)
+        self.faults.slow_down(self.work_times[-1])
         record["grad_norm"] = round(grad_norm, 5) if math.isfinite(grad_norm) else None
         record["skipped_nonfinite"] = self.detector.skipped_nonfinite
         return record if (record.get("skipped") or self._log_due(job.cfg.train.stop_at or tc.steps)) else {}
@@ -422,7 +423,7 @@ class Trainer:
             self.samples_seen, job.global_batch, job.cfg.train.micro_batch, job.dp_rank, job.layout.dp
         ):
             job.sampler.batch(first, count)
-        self.faults.slow_down(statistics.median(self.step_times[-10:]) if self.step_times else 0.0)
+        self.faults.slow_down(statistics.median(self.work_times[-10:]) if self.work_times else 0.0)
 
     def _log_start(self) -> None:
         job, tc = self.job, self.job.cfg.train
