@@ -75,6 +75,8 @@ class FaultInjector:
     """The faults aimed at this rank, each fired at most once per run."""
 
     def __init__(self, faults: list[Fault], rank: int, run_dir: Path):
+        # every rank parses the same list, so every rank knows whether any spike is planned
+        self.any_spike = any(f.kind == "spike" for f in faults)
         self.faults = [f for f in faults if f.rank == rank]
         self.dir = run_dir / "faults"
         self.slow_factor = 1.0

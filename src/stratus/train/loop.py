@@ -177,7 +177,8 @@ class Trainer:
         spike = self.faults.due("spike", step)
         if spike is not None:
             loss *= spike.factor
-        loss = max(denv.all_reduce_max(env, loss), loss)  # a spike injected on one rank is seen by all
+        if self.faults.any_spike:  # a spike injected on one rank is seen by all; no collective otherwise
+            loss = max(denv.all_reduce_max(env, loss), loss)
         finite = denv.all_ranks_true(env, math.isfinite(loss) and math.isfinite(grad_norm))
         self.last_loss = loss
         record: dict = {}
