@@ -192,7 +192,13 @@ def test_two_nodes_over_veth_match_one_process(two_nodes, tiny_data: Path, tmp_p
                 f"--run.dir={run}",
                 "--train.micro_batch=4",
             ]
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": node.ifname}
+            env = {
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "GLOO_SOCKET_IFNAME": node.ifname,
+                # as `stratus launch` sets it: a fresh store each round, hosted by rank 0
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+            }
             with out.open("w") as f:
                 procs.append(
                     subprocess.Popen(

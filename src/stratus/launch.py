@@ -49,6 +49,8 @@ WHY = {
     "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": "seconds without a watchdog heartbeat before that monitor "
     "kills the process (leaves time for the dump)",
     "OMP_NUM_THREADS": "CPU threads per rank: the node's CPUs shared by its ranks (torchrun would set 1)",
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "each restart round gets a fresh TCPStore: torchrun's shared one "
+    "keeps the dead round's keys, and a restarted rank can read a peer's old address (torch issue 135712)",
 }
 
 NOT_SET = (
@@ -72,6 +74,7 @@ def nccl_env(ib_hca: str, socket_ifname: str, omp_threads: int, dump_prefix: str
         "TORCH_NCCL_ENABLE_MONITORING": "1",
         "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": "600",
         "OMP_NUM_THREADS": str(omp_threads),
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
     }
 
 

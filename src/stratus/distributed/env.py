@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("stratus.distributed")
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,41 @@ def setup(device_preference: str = "auto", timeout_s: float = 600.0) -> DistEnv:
         torch.cuda.set_device(device)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        store = round_store(rank, world, timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return DistEnv(rank, world, local_rank, device)
+
+
+def round_store(rank: int, world: int, timeout: timedelta) -> dist.Store | None:
+    """The store this restart round's process group meets in, or None for torch's default.
+
+    torchrun (torch 2.4 and later) hands its workers the agent's own TCPStore and keeps that
+    one store across restarts, so every key a killed round wrote is still there when the next
+    round starts: gloo's peer addresses, NCCL's unique id. A restarted rank that reads its
+    peer's key before the peer has rewritten it connects to a dead process's port ("Connection
+    refused") and the restart is lost (torch issue 135712). One agent numbers its rounds
+    consistently, so its restart count scopes the keys to the round. Several agents count
+    their restarts independently; there the agent must give each round a fresh store, which
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 does (`stratus launch` sets it)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # env:// with rank 0 hosting a new store each round: nothing stale
+    if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        if rank == 0:
+            log.warning(
+                "torchrun shares one TCPStore across restarts on %s nodes, so a restart can read a "
+                "dead round's addresses; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
+                "environment (stratus launch does)",
+                os.environ["GROUP_WORLD_SIZE"],
+            )
+        return None
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"stratus/round-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
 def teardown() -> None:
