@@ -16,7 +16,7 @@ from stratus.config import ModelConfig
 from stratus.inference.engine import EngineConfig
 from stratus.model import Transformer
 from stratus.serve.app import ServerState
-from stratus.serve.server import ENGINE_DIED, open_engine, prepare_server
+from stratus.serve.server import ENGINE_DIED, Limits, open_engine, prepare_server
 
 # Random weights with a wide init: greedy choices are separated by at least ~1e-3 in log
 # probability on the prompts the tests use (checked where it matters), far above the
@@ -49,11 +49,20 @@ def make_export(out: Path, tokenizer: Path, seed: int = SEED, **shape) -> Path:
 class LiveServer:
     """`stratus serve` in a thread of this process, on a free port of 127.0.0.1."""
 
-    def __init__(self, export: Path, api_key: str | None = None, **engine: int):
+    def __init__(
+        self,
+        export: Path,
+        api_key: str | None = None,
+        limits: Limits | None = None,
+        max_body_bytes: int = 4 * 2**20,
+        **engine: int,
+    ):
         cfg = EngineConfig(**{"max_batch": 8, "max_queue": 64, "prefill_chunk": 16, **engine})
         self.engine, self.tokenizer, template, name = open_engine(export, cfg, "cpu")
-        self.state = ServerState(self.engine, self.tokenizer, name, api_key, template)
-        self.running = prepare_server(self.state, "127.0.0.1", 0, "warning")
+        self.state = ServerState(
+            self.engine, self.tokenizer, name, api_key, template, max_body_bytes=max_body_bytes
+        )
+        self.running = prepare_server(self.state, "127.0.0.1", 0, "warning", limits)
         self.exit_code: int | None = None
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()

@@ -8,6 +8,10 @@ slot at once; one that arrives joins at the next iteration.
 
 Requests talk to the engine through `submit` (any thread) and receive `Event`s through
 their callback on the engine's thread.
+
+A fault in one request's own work (its sampler, its detokenizer, its callback) ends that
+request with finish reason "error" and nothing else; only a failed forward pass, which
+every running request shares, stops the engine.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from math import ceil
 
 import torch
 from tokenizers import Tokenizer
@@ -33,6 +38,7 @@ from stratus.inference.request import (
     ContextOverflow,
     EngineDead,
     Event,
+    NeverFits,
     QueueFull,
     Request,
     RequestParams,
@@ -93,6 +99,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.iterations = 0
+        # Called on the engine's thread with every request that ends, whatever ended it
+        # (the server counts finish reasons here, so a cancelled request is counted too).
+        self.on_finish: Callable[[Request], None] | None = None
+        self._mean_latency = 1.0  # seconds from arrival to finish, a moving average
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -123,6 +133,12 @@ class Engine:
 
     def idle(self) -> bool:
         return not self._waiting and not self._running
+
+    def retry_after(self) -> int:
+        """Seconds until a place in the queue is likely to free up: the waiting requests
+        drain `slots` at a time, each taking about the recent mean latency."""
+        rounds = (len(self._waiting) + 1) / max(1, self.cache.slots)
+        return max(1, ceil(rounds * self._mean_latency))
 
     # ---- requests --------------------------------------------------------------------
 
@@ -157,6 +173,11 @@ class Engine:
         """Queue several requests at once (the `n` choices of one API call): all of them or
         none. Raises ContextOverflow/ValueError, QueueFull or EngineDead before queuing."""
         reqs = [Request(list(prompt), self.check(prompt, params), cb) for prompt, params, cb in items]
+        if len(reqs) > self.config.max_queue + self.cache.slots:
+            raise NeverFits(
+                f"{len(reqs)} sequences in one request can never be queued together: this server "
+                f"holds {self.cache.slots} running and {self.config.max_queue} waiting; lower n"
+            )
         with self._lock:
             if not self.alive:
                 raise EngineDead("the engine is not running")
@@ -249,12 +270,15 @@ class Engine:
             self._finish(r, "cancelled", Event(finish_reason="cancelled"))
 
     def _admit(self) -> None:
+        admitted = []
         with self._lock:
             while self._free and self._waiting:
                 req = self._waiting.popleft()
                 req.slot = self._free.pop()
                 self._running.append(req)
-                self._prepare(req)
+                admitted.append(req)
+        for req in admitted:
+            self._isolated(req, self._prepare, req)
 
     def _prepare(self, req: Request) -> None:
         p = req.params
@@ -274,7 +298,7 @@ class Engine:
             logits = forward_rows(self.model, self.cache, slots, tokens, starts, fused=self.fused)
             req.pos += n
             if req.pos == len(req.prompt):
-                self._advance(req, logits[0])
+                self._isolated(req, self._advance, req, logits[0])
             budget -= n
             if budget == 0:
                 break
@@ -289,7 +313,15 @@ class Engine:
         logits = forward_rows(self.model, self.cache, slots, tokens, starts, fused=self.fused)
         for i, req in enumerate(rows):
             req.pos += 1
-            self._advance(req, logits[i])
+            self._isolated(req, self._advance, req, logits[i])
+
+    def _isolated(self, req: Request, work: Callable, *args) -> None:
+        """Run one request's own work; if it raises, that request alone fails."""
+        try:
+            work(*args)
+        except Exception:
+            log.exception("request %d failed; the engine goes on with the others", req.id)
+            self._finish(req, "error", Event(finish_reason="error", error="the request failed in the engine"))
 
     def _advance(self, req: Request, logits: torch.Tensor) -> None:
         """Sample the request's next token from logits (vocab,) and tell the client."""
@@ -325,6 +357,12 @@ class Engine:
                     self._running.remove(req)
                 self._free.append(req.slot)
             req.slot = None
+        self._mean_latency += 0.1 * (ev.time - req.arrival - self._mean_latency)
+        if self.on_finish is not None:
+            try:
+                self.on_finish(req)
+            except Exception:  # bookkeeping must never take a request or the engine down
+                log.exception("on_finish failed for request %d", req.id)
         self._send(req, ev)
         req.done.set()
 

@@ -25,6 +25,11 @@ class ContextOverflow(StratusError):
     """The prompt plus max_tokens does not fit the model's context (HTTP 400)."""
 
 
+class NeverFits(StratusError):
+    """More sequences in one call than the running slots and the queue hold together: no
+    retry can succeed (HTTP 400, where a full queue is a 429)."""
+
+
 @dataclass(frozen=True)
 class RequestParams:
     max_tokens: int | None = None  # None: up to the end of the context

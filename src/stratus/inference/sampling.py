@@ -26,8 +26,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        # drop a token when the tokens ranked above it already reach top_p
+        # drop a token when the tokens ranked above it already reach top_p; the likeliest
+        # always stays, so no top_p, however small, leaves nothing to sample
         drop = sorted_p.cumsum(dim=-1) - sorted_p >= params.top_p
+        drop[..., 0] = False
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

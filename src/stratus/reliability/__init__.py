@@ -5,3 +5,4 @@
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 3
 EXIT_HANG = 4
+EXIT_ENGINE_FAILED = 5  # `stratus serve`: the inference engine itself failed (a device error)

@@ -1,33 +1,46 @@
 """The OpenAI-compatible HTTP API on the engine (FastAPI).
 
-Every check that can fail (key, model, body, context, queue, engine health) runs before a
-response starts, so a streaming client gets a proper status and error body rather than a
-broken stream. Tokens travel from the engine's thread to the event loop through one
-asyncio queue per API call.
+Every check that can fail (key, body size, fields, model, context, queue, engine health)
+runs before a response starts, so a streaming client gets a proper status and error body
+rather than a broken stream. Tokens travel from the engine's thread to the event loop
+through one asyncio queue per API call. Tokenizing and rendering the chat template run in
+worker threads: a long prompt never holds up the event loop, and so never /health.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the request classes that
+# create_app builds for the served model, which string annotations would hide.
 import asyncio
-import hmac
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 from tokenizers import Tokenizer
 
 from stratus.data.tokenizer import eos_id
 from stratus.inference.engine import Engine
-from stratus.inference.request import ContextOverflow, EngineDead, Event, QueueFull, RequestParams
-from stratus.serve import errors, wire
+from stratus.inference.request import (
+    ContextOverflow,
+    EngineDead,
+    Event,
+    NeverFits,
+    QueueFull,
+    RequestParams,
+)
+from stratus.serve import errors, openapi, wire
 from stratus.serve.chat_template import ChatTemplate, find_template
 from stratus.serve.errors import APIError
+from stratus.serve.gate import Gate
 from stratus.serve.metrics import CountRequests, Metrics, Tracker
-from stratus.serve.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
+from stratus.serve.protocol import SEED_LIMIT, Limits, _Sampling, request_models
+
+log = logging.getLogger("stratus.serve")
+MiB = 2**20
 
 
 @dataclass
@@ -39,26 +52,29 @@ class ServerState:
     template: ChatTemplate = field(default_factory=find_template)
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics | None = None
+    max_body_bytes: int = 4 * MiB  # a larger body is a 413, refused before it is read
 
     def __post_init__(self):
         self.metrics = self.metrics or Metrics(self.engine)
         self.eos = eos_id(self.tokenizer)
+        # No token decodes to more characters than the longest vocabulary entry (byte-level
+        # BPE spells every byte as one character), so a text longer than context x that, with
+        # a margin for normalizers that merge characters, can never fit: it is refused
+        # without being tokenized, which bounds the tokenizer's work per request.
+        longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = 4 * self.engine.context * longest
 
 
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="stratus", summary="OpenAI-compatible API for a stratus model")
     errors.install(app)
+    # the last added is the outermost: every response is counted, the gate's 401s and 413s too
+    app.add_middleware(Gate, api_key=state.api_key, max_body_bytes=state.max_body_bytes)
     app.add_middleware(CountRequests, metrics=state.metrics)
     app.state.stratus = state
-
-    def authorize(request: Request) -> None:
-        if state.api_key is None:
-            return
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            key.strip().encode(), state.api_key.encode()
-        ):
-            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    ChatRequest, CompletionRequest = request_models(
+        Limits(vocab=state.engine.model.cfg.vocab_size, context=state.engine.context)
+    )
 
     @app.get("/health")
     async def health():
@@ -66,25 +82,26 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse(errors.body(503, "the engine is not running", code="engine_dead"), 503)
         return {"status": "ok", "running": state.engine.running(), "waiting": state.engine.queue_depth()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [_model_card(state)]}
 
-    @app.get("/v1/models/{name}", dependencies=[Depends(authorize)])
+    @app.get("/v1/models/{name}")
     async def model(name: str):
         _check_model(state, name)
         return _model_card(state)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat(body: ChatCompletionRequest, request: Request):
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
         _check_model(state, body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        _check_length(state, sum(len(m["content"]) for m in messages), "messages")
         try:
-            text = state.template.render(messages)
+            text = await run_in_threadpool(state.template.render, messages)
         except Exception as e:  # a model's own template may reject a conversation (roles out of order)
             raise APIError(
                 400, f"the chat template could not render these messages: {e}", "messages"
@@ -92,9 +109,10 @@ def create_app(state: ServerState) -> FastAPI:
         params = _params(body, body.max_completion_tokens or body.max_tokens, state.template.stop)
         if body.logprobs:
             params = replace(params, logprobs=body.top_logprobs or 0)
-        return await _serve(state, request, body, [_encode(state, text)], params, chat=True)
+        ids = await run_in_threadpool(_encode_all, state, [text], "messages")
+        return await _serve(state, request, body, ids, params, chat=True)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(state, body.model)
         prompts = body.prompt if isinstance(body.prompt, list) and body.prompt else [body.prompt]
@@ -102,7 +120,7 @@ def create_app(state: ServerState) -> FastAPI:
             prompts = [prompts]  # one prompt given as token ids
         if any(not p for p in prompts):
             raise APIError(400, "prompt must not be empty", "prompt")
-        ids = [_encode(state, p) if isinstance(p, str) else list(p) for p in prompts]
+        ids = await run_in_threadpool(_encode_all, state, prompts, "prompt")
         params = _params(body, body.max_tokens if body.max_tokens is not None else 16, ())
         if body.logprobs is not None:
             params = replace(params, logprobs=body.logprobs)
@@ -111,6 +129,7 @@ def create_app(state: ServerState) -> FastAPI:
         )
         return await _serve(state, request, body, ids, params, chat=False, echo=echo)
 
+    openapi.install(app, state.api_key is not None)
     return app
 
 
@@ -128,26 +147,39 @@ def _check_model(state: ServerState, name: str) -> None:
         )
 
 
-def _encode(state: ServerState, text: str) -> list[int]:
-    """Documents began after end-of-text in training, so a prompt starts with one (as
-    Llama's tokenizer puts BOS first); it counts as a prompt token in usage."""
-    ids = state.tokenizer.encode(text, add_special_tokens=False).ids
-    return ids if ids[:1] == [state.eos] else [state.eos, *ids]
+def _check_length(state: ServerState, chars: int, param: str) -> None:
+    if chars > state.max_prompt_chars:
+        raise APIError(
+            400,
+            f"this model's maximum context length is {state.engine.context} tokens, and {chars} "
+            "characters of text cannot fit in it: shorten the input",
+            param,
+            "context_length_exceeded",
+        )
+
+
+def _encode_all(state: ServerState, prompts: list, param: str) -> list[list[int]]:
+    """Token ids of each prompt (worker thread). Documents began after end-of-text in
+    training, so a prompt starts with one (as Llama's tokenizer puts BOS first); it counts as
+    a prompt token in usage."""
+    _check_length(state, sum(len(p) for p in prompts if isinstance(p, str)), param)
+    out = []
+    for p in prompts:
+        if not isinstance(p, str):
+            out.append(list(p))
+            continue
+        ids = state.tokenizer.encode(p, add_special_tokens=False).ids
+        out.append(ids if ids[:1] == [state.eos] else [state.eos, *ids])
+    return out
 
 
 def _params(body: _Sampling, max_tokens: int | None, implicit_stop: tuple[str, ...]) -> RequestParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 16:
-        raise APIError(400, "stop: at most 16 stop sequences", "stop")
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
     if top_p == 0:
         temperature = 0.0  # the limit of an ever smaller nucleus: the likeliest token
-    bias = []
-    for key, value in (body.logit_bias or {}).items():
-        if not key.isdigit() or not -100 <= value <= 100:
-            raise APIError(400, "logit_bias: keys are token ids, values lie in [-100, 100]", "logit_bias")
-        bias.append((int(key), float(value)))
+    bias = [(int(key), float(value)) for key, value in (body.logit_bias or {}).items()]  # checked by protocol
     return RequestParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -173,7 +205,7 @@ async def _serve(
     echo: list[str] | None = None,
 ):
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+    events: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
 
     def deliver(index: int):
         return lambda ev: loop.call_soon_threadsafe(events.put_nowait, (index, ev))
@@ -181,21 +213,29 @@ async def _serve(
     items, k = [], 0
     for ids in prompts:
         for j in range(body.n):
-            seeded = replace(params, seed=None if params.seed is None else params.seed + j)
+            seeded = replace(params, seed=None if params.seed is None else (params.seed + j) % SEED_LIMIT)
             items.append((ids, seeded, deliver(k)))
             k += 1
     try:
         reqs = state.engine.submit_many(items)
     except ContextOverflow as e:
         raise APIError(400, str(e), "messages" if chat else "prompt", "context_length_exceeded") from None
+    except NeverFits as e:
+        raise APIError(400, str(e), "n", "too_many_sequences") from None
     except ValueError as e:
         raise APIError(400, str(e)) from None
     except QueueFull as e:
+        retry = str(state.engine.retry_after())
         raise APIError(
-            429, f"the server is busy ({e}): retry later", None, "queue_full", {"Retry-After": "1"}
+            429,
+            f"the server is busy ({e}): retry after {retry} s",
+            None,
+            "queue_full",
+            {"Retry-After": retry},
         ) from None
     except EngineDead as e:
         raise APIError(503, str(e), None, "engine_dead") from None
+    request.state.submitted = True  # from here on the engine counts how each sequence ends
     state.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
     trackers = [Tracker(state.metrics, r) for r in reqs]
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -219,6 +259,7 @@ async def _serve(
             "logprobs": want_logprobs,
             "include_usage": include_usage,
             "prompt_tokens": prompt_tokens,
+            "request": request,
         }
         gen = _stream(state, events, reqs, trackers, call)
         return StreamingResponse(
@@ -228,21 +269,22 @@ async def _serve(
         )
 
     choices = [wire.Choice() for _ in reqs]
+    watcher = asyncio.ensure_future(_on_disconnect(request, lambda: events.put_nowait((-1, None))))
     try:
         remaining = len(reqs)
         while remaining:
-            try:
-                i, ev = await asyncio.wait_for(events.get(), 0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return JSONResponse(errors.body(400, "client disconnected"), 499)
-                continue
+            i, ev = await events.get()
+            if ev is None:  # the client hung up: its sequences leave the engine at the next step
+                return JSONResponse(errors.body(400, "client disconnected"), 499)
             trackers[i].see(ev)
-            if ev.finish_reason in ("error", "cancelled"):
-                raise APIError(503, ev.error or "the engine stopped", None, "engine_dead")
+            if ev.finish_reason == "error":
+                raise _failed(request, ev)
+            if ev.finish_reason == "cancelled":  # a live client's request: the engine is stopping
+                raise APIError(503, "the engine stopped", None, "engine_dead")
             choices[i].add(ev)
             remaining -= ev.finish_reason is not None
     finally:
+        watcher.cancel()
         cancel_unfinished()
     if echo:
         for i, c in enumerate(choices):
@@ -250,6 +292,28 @@ async def _serve(
     use = wire.usage(prompt_tokens, sum(len(c.tokens) for c in choices))
     build = wire.chat_response if chat else wire.completion_response
     return build(rid, created, state.model_name, choices, want_logprobs, state.tokenizer, use)
+
+
+async def _on_disconnect(request: Request, then) -> None:
+    """Call `then` when the client closes the connection. The body has been read, so the
+    next ASGI message is http.disconnect, which the server sends as soon as the socket goes:
+    no polling, and the client's sequences are cancelled before the engine's next step."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    then()
+
+
+def _failed(request: Request, ev: Event) -> APIError:
+    """One request failed in the engine (the engine itself goes on, or is stopping): a 500
+    that names the request id the log has, and nothing of the internals."""
+    rid = request.scope.get("state", {}).get("request_id", "?")
+    if ev.error and ev.error.startswith("engine failed"):
+        log.error("request %s: %s", rid, ev.error)
+        return APIError(503, "the engine stopped", None, "engine_dead")
+    log.error("request %s failed in the engine: %s", rid, ev.error)
+    return APIError(
+        500, f"the server could not complete this request (request id {rid})", None, "server_error"
+    )
 
 
 async def _guarded(gen: AsyncIterator[str], on_exit) -> AsyncIterator[str]:
@@ -309,7 +373,9 @@ async def _stream(state, events, reqs, trackers, call: dict) -> AsyncIterator[st
             trackers[i].see(ev)
             if ev.finish_reason in ("error", "cancelled"):
                 # the status line is long gone: a late failure travels as an error event, as OpenAI's do
-                out.append(wire.sse(errors.body(503, ev.error or "the engine stopped", None, "engine_dead")))
+                e = _failed(call["request"], ev) if ev.finish_reason == "error" else None
+                e = e or APIError(503, "the engine stopped", None, "engine_dead")
+                out.append(wire.sse(errors.body(e.status, e.message, None, e.code)))
                 yield "".join(out)
                 return
             want_lp = call["logprobs"] and ev.token is not None

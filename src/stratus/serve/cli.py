@@ -54,14 +54,26 @@ def _engine_config(args):
 
 def cmd_serve(args, overrides):
     from stratus.serve.app import ServerState
-    from stratus.serve.server import open_engine, prepare_server
+    from stratus.serve.server import Limits, open_engine, prepare_server
 
     if not 0 <= args.port <= 65535:
         raise StratusError(f"--port {args.port} is not a TCP port (0-65535)")
+    if not (args.max_body_mb > 0 and args.header_timeout > 0 and args.keep_alive_timeout > 0):
+        raise StratusError("--max-body-mb, --header-timeout and --keep-alive-timeout must be positive")
+    if args.max_connections < 1:
+        raise StratusError("--max-connections must be at least 1")
+    limits = Limits(args.header_timeout, args.keep_alive_timeout, args.max_connections)
     engine, tokenizer, template, name = open_engine(args.path, _engine_config(args), args.device, args.dtype)
     api_key = args.api_key or os.environ.get("STRATUS_API_KEY") or None
-    state = ServerState(engine, tokenizer, args.model_name or name, api_key, template)
-    running = prepare_server(state, args.host, args.port, args.log_level)
+    state = ServerState(
+        engine,
+        tokenizer,
+        args.model_name or name,
+        api_key,
+        template,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+    )
+    running = prepare_server(state, args.host, args.port, args.log_level, limits)
     print(
         f"serving `{state.model_name}` on http://{args.host}:{running.port}/v1 "
         f"({engine.slots} KV slots of {engine.context} tokens, {engine.cache.nbytes / 2**20:.1f} MiB; "
@@ -116,6 +128,24 @@ def add_parsers(verbs) -> None:
     sp.add_argument("--model-name", help="the model's name in the API (default: the run's directory name)")
     sp.add_argument(
         "--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429 (default 64)"
+    )
+    sp.add_argument(
+        "--max-body-mb", type=float, default=4, help="request bodies above this get 413, unread (default 4)"
+    )
+    sp.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10,
+        help="seconds a connection has to send a whole request head; slower ones are closed (default 10)",
+    )
+    sp.add_argument(
+        "--keep-alive-timeout", type=float, default=5, help="seconds an idle keep-alive connection stays open"
+    )
+    sp.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="open connections; past it, 503 and close (default 512)",
     )
     sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sp.set_defaults(func=cmd_serve)

@@ -10,7 +10,8 @@ from stratus.inference.request import Event, Request
 
 # Latency buckets from 1 ms (a tiny model's decode step) to a minute (a long queue).
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+GENERATION = {"/v1/chat/completions", "/v1/completions"}
+PATHS = GENERATION | {"/v1/models", "/health", "/metrics"}
 
 
 class Metrics:
@@ -24,8 +25,16 @@ class Metrics:
         )
         self.generation_tokens = Counter("stratus_generation_tokens", "tokens generated", registry=r)
         self.finished = Counter(
-            "stratus_request_finish", "requests finished, by finish reason", ["reason"], registry=r
+            "stratus_request_finish",
+            "how each request ended: stop, length, cancelled or error for every sequence the engine "
+            "ran; rejected (4xx) or error (5xx) for a generation call refused before it reached the engine",
+            ["reason"],
+            registry=r,
         )
+        for reason in ("stop", "length", "cancelled", "error", "rejected"):
+            self.finished.labels(reason)  # every series exists from the start, at 0
+        # the engine reports every ending, including those of clients that left
+        engine.on_finish = lambda req: self.finished.labels(req.finish_reason).inc()
         queue = Gauge("stratus_queue_depth", "requests waiting for a KV cache slot", registry=r)
         queue.set_function(engine.queue_depth)
         running = Gauge("stratus_running_requests", "requests holding a KV cache slot", registry=r)
@@ -66,7 +75,6 @@ class Tracker:
                 self.m.itl.observe(ev.time - self.last)
             self.last = ev.time
         if ev.finish_reason is not None:
-            self.m.finished.labels(ev.finish_reason).inc()
             self.m.latency.observe(ev.time - self.req.arrival)
 
 
@@ -92,3 +100,5 @@ class CountRequests:
         finally:
             path = scope["path"] if scope["path"] in PATHS else "other"
             self.metrics.requests.labels(path, str(status[0])).inc()
+            if path in GENERATION and not scope.get("state", {}).get("submitted") and status[0] >= 400:
+                self.metrics.finished.labels("rejected" if status[0] < 500 else "error").inc()

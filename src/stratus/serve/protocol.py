@@ -1,17 +1,68 @@
-"""Request bodies of the OpenAI API, as pydantic models. Ranges follow OpenAI's API
-reference; a value outside them is a 400. Fields this server does not know (clients send
-best_of, user, parallel_tool_calls, ...) are accepted and ignored; of vLLM's extensions,
-top_k, min_p and ignore_eos are honoured."""
+"""Request bodies of the OpenAI API, as pydantic models: the one place where every field's
+rules live, so the OpenAPI document states exactly what the server accepts. A value outside
+them is a 400 that names the field.
+
+Ranges follow OpenAI's API reference, narrowed to what the engine can represent: a seed is
+a 63-bit integer, a temperature or top_p is 0 or at least a floor below which float32
+arithmetic breaks down (logits / 1e-40 overflow; a top_p of 1e-300 rounds to 0), token ids
+and logit_bias keys lie within the served model's vocabulary, and max_tokens within its
+context. Those last limits belong to one model, so `request_models` builds the classes for
+the model being served. All text must be valid Unicode: JSON can carry a lone UTF-16
+surrogate ("\\ud800") that no tokenizer can encode.
+
+Fields this server does not know (clients send best_of, user, parallel_tool_calls, ...)
+are accepted and ignored; of vLLM's extensions, top_k, min_p and ignore_eos are honoured.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, create_model
+
+SEED_LIMIT = 2**63  # seeds lie in [0, 2**63): torch.Generator takes a signed 64-bit seed
+TEMPERATURE_FLOOR = 1e-5  # below it (and above 0) logits / T can leave float32's range
+TOP_P_FLOOR = 1e-6  # far above float32's smallest normal number, far below any useful nucleus
+MAX_STOP = 16  # stop sequences per request
+MAX_STOP_CHARS = 1024  # characters per stop sequence: each is searched for after every token
+MAX_NAME_CHARS = 256  # a model name
+
+
+def valid_unicode(text: str) -> str:
+    """Text that UTF-8 can carry: a lone surrogate has no encoding, and would fail later in
+    the tokenizer or in the JSON response."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"is not valid Unicode: a lone UTF-16 surrogate at character {e.start}; send UTF-8 text"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(valid_unicode)]
+
+
+def _zero_or_at_least(floor: float, top: float) -> Any:
+    """A float that is 0, or in [floor, top], or absent, stated as such in the JSON schema."""
+
+    def check(value: float | None) -> float | None:
+        if value is not None and 0 < value < floor:
+            raise ValueError(f"must be 0 or at least {floor:g}")
+        return value
+
+    schema = {"anyOf": [{"type": "number", "minimum": floor, "maximum": top}, {"const": 0}, {"type": "null"}]}
+    return Annotated[float | None, Field(ge=0, le=top), AfterValidator(check), WithJsonSchema(schema)]
+
+
+Temperature = _zero_or_at_least(TEMPERATURE_FLOOR, 2)
+TopP = _zero_or_at_least(TOP_P_FLOOR, 1)
+TokenBias = Annotated[float, Field(ge=-100, le=100)]
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 class StreamOptions(_Open):
@@ -19,31 +70,37 @@ class StreamOptions(_Open):
 
 
 class _Sampling(_Open):
-    model: str
+    model: Annotated[Text, Field(min_length=1, max_length=MAX_NAME_CHARS)]
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
+    temperature: Temperature = None
+    top_p: TopP = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: (
+        Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
+        | Annotated[list[Annotated[Text, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)]
+        | None
+    ) = None
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    top_k: int | None = Field(None, ge=-1)  # vLLM's: -1 or 0 = off
+    # keys are token ids written in ASCII digits; the vocabulary bound is the served model's
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], TokenBias] | None = None
+    # vLLM's: -1 or 0 = off, as is a k at least the vocabulary
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
     min_p: float = Field(0.0, ge=0, le=1)
     ignore_eos: bool = False
 
 
 class TextPart(_Open):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -59,6 +116,55 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server sends, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the served model can represent."""
+
+    vocab: int  # token ids and logit_bias keys lie in [0, vocab)
+    context: int  # prompt plus completion tokens
+
+
+def request_models(limits: Limits) -> tuple[type[ChatCompletionRequest], type[CompletionRequest]]:
+    """The request classes for one served model: the same fields, bounded by its vocabulary
+    and context, so that the OpenAPI document carries the real limits."""
+    token = Annotated[int, Field(ge=0, lt=limits.vocab)]
+    bias_key = Annotated[str, Field(pattern=r"^[0-9]{1,9}$"), AfterValidator(_below(limits.vocab))]
+    bias = dict[bias_key, TokenBias] | None
+    length = Annotated[int | None, Field(ge=1, le=limits.context)]
+    common = {"max_tokens": (length, None), "logit_bias": (bias, None)}
+    chat = create_model(
+        "ChatCompletionRequest",
+        __base__=ChatCompletionRequest,
+        max_completion_tokens=(length, None),
+        **common,
+    )
+    prompt = Text | list[Text] | list[token] | list[list[token]]
+    completion = create_model("CompletionRequest", __base__=CompletionRequest, prompt=(prompt, ...), **common)
+    return chat, completion
+
+
+def _below(vocab: int):
+    def check(key: str) -> str:
+        if int(key) >= vocab:
+            raise ValueError(f"token id {key} is not in this model's vocabulary [0, {vocab})")
+        return key
+
+    return check
