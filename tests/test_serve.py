@@ -165,7 +165,11 @@ BAD = [
     # more than the whole context: out of the field's documented range
     ({"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": 500}, 400, "max_tokens"),
     # within it, but not beside this prompt
-    ({"model": "M", "messages": [{"role": "user", "content": "x " * 40}], "max_tokens": 100}, 400, "messages"),
+    (
+        {"model": "M", "messages": [{"role": "user", "content": "x " * 40}], "max_tokens": 100},
+        400,
+        "messages",
+    ),
     ({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
 ]
 

@@ -7,6 +7,11 @@ LlamaAttention does with `rotate_half`, and uses the same inverse frequencies, s
 weights are copied as they are: no permutation (the one Meta's interleaved checkpoints
 need). RMSNorm, SwiGLU (gate = w1, up = w3, down = w2) and grouped-query heads map one to
 one. tests/test_hf_export.py holds the logits of both equal within 1e-4.
+
+stratus reads such a directory back (`generate`, `serve`, `eval`): config.json also carries
+the exact ModelConfig and step under "stratus" (transformers keeps an unknown key as a plain
+attribute and ignores it); an export without that block, or another Llama model of the same
+architecture, is rebuilt from the Llama fields. tests/test_hf_load.py holds both equal to the run.
 """
 
 from __future__ import annotations
@@ -15,12 +20,33 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from stratus.checkpoint.atomic import atomic_directory, refuse_existing
-from stratus.checkpoint.load import load_trained
+from stratus.checkpoint.load import load_trained, one_line
+from stratus.config import ModelConfig
 from stratus.data.tokenizer import EOS, load_tokenizer
 from stratus.errors import StratusError
+from stratus.serve.chat_template import FILE as CHAT_TEMPLATE
+from stratus.serve.chat_template import STOP_FILE as CHAT_STOP
+
+STRATUS_KEY = "stratus"
+# What decides the function a model computes: the stored config and the Llama fields must agree on these.
+SAME_MODEL = (
+    "vocab_size",
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "kv_heads",
+    "head_dim",
+    "ffn_width",
+    "max_seq_len",
+    "rope_theta",
+    "norm_eps",
+    "tie_embeddings",
+)
 
 
 def hf_names(n_layers: int) -> dict[str, str]:
@@ -76,6 +102,84 @@ def llama_config(cfg, eos: int, dtype: str) -> dict:
     }
 
 
+def _validated(raw: dict) -> ModelConfig:
+    try:
+        return ModelConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ValueError(one_line(e)) from None
+
+
+def _from_llama_fields(info: dict) -> ModelConfig:
+    """The inverse of llama_config, for a Llama config whose model stratus's Transformer
+    computes exactly; ValueError (one line) naming the first field it cannot."""
+    architectures = info.get("architectures") or ["LlamaForCausalLM"]
+    if "LlamaForCausalLM" not in architectures:
+        raise ValueError(f"architectures {architectures} has no LlamaForCausalLM")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if not isinstance(info.get(key), int):
+            raise ValueError(f"config.json gives no {key}")
+    if info.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise ValueError(f"hidden_act {info['hidden_act']!r}: stratus's SwiGLU uses silu")
+    for flag in ("attention_bias", "mlp_bias"):
+        if info.get(flag):
+            raise ValueError(f"{flag} is true: stratus's projections have no bias")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = info.get(key)
+        kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        if kind != "default":
+            raise ValueError(f"{key} is {kind!r}: stratus has plain RoPE only")
+    d_model, heads = info["hidden_size"], info["num_attention_heads"]
+    head_dim = info.get("head_dim")
+    if head_dim is not None and head_dim * heads != d_model:
+        raise ValueError(f"head_dim {head_dim} x {heads} heads is not hidden_size {d_model}")
+    rope = info.get("rope_parameters") if isinstance(info.get("rope_parameters"), dict) else {}
+    # absent fields take LlamaConfig's defaults, as transformers would
+    return _validated(
+        {
+            "vocab_size": info["vocab_size"],
+            "n_layers": info["num_hidden_layers"],
+            "d_model": d_model,
+            "n_heads": heads,
+            "n_kv_heads": info.get("num_key_value_heads") or heads,
+            # explicit: rounding 8/3 d_model need not give back the width of a model trained elsewhere
+            "ffn_hidden": info["intermediate_size"],
+            "max_seq_len": info.get("max_position_embeddings", 2048),
+            "rope_theta": float(rope.get("rope_theta", info.get("rope_theta", 10000.0))),
+            "norm_eps": info.get("rms_norm_eps", 1e-6),
+            "tie_embeddings": bool(info.get("tie_word_embeddings", False)),
+            "init_std": info.get("initializer_range", 0.02),
+        }
+    )
+
+
+def model_config_from_hf(info: dict) -> tuple[ModelConfig, int]:
+    """(model config, step) of a Llama config.json: the ModelConfig export_hf stored beside
+    the Llama fields, or for a directory without one the Llama fields mapped back (step 0,
+    unknown). ValueError (one line) when stratus cannot compute the model, or the two disagree
+    (config.json was edited), since transformers would then run another model than stratus."""
+    mapped = _from_llama_fields(info)
+    block = info.get(STRATUS_KEY)
+    if not isinstance(block, dict) or "model" not in block:
+        return mapped, 0
+    stored = _validated(block["model"])
+    for name in SAME_MODEL:
+        if getattr(stored, name) != getattr(mapped, name):
+            raise ValueError(
+                f"its {STRATUS_KEY}.model gives {name} = {getattr(stored, name)} but its Llama fields "
+                f"{getattr(mapped, name)}: config.json was edited"
+            )
+    return stored, int(block.get("step") or 0)
+
+
+def stratus_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """transformers' parameter names -> stratus's, the inverse of export_hf's renaming. Names
+    hf_names does not know are kept as they are, so that the load names them as unexpected."""
+    ours = {theirs: mine for mine, theirs in hf_names(cfg.n_layers).items()}
+    if cfg.tie_embeddings:  # transformers ties lm_head to the embedding on load, ignoring a stored one
+        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+    return {ours.get(k, k): v for k, v in weights.items()}
+
+
 def export_hf(source: str | Path, out: str | Path, force: bool = False) -> Path:
     out = Path(out)
     refuse_existing(out, force)
@@ -95,11 +199,21 @@ def export_hf(source: str | Path, out: str | Path, force: bool = False) -> Path:
 
     with atomic_directory(out) as tmp:
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-        _write_json(tmp / "config.json", llama_config(cfg, eos, dtype))
+        config = llama_config(cfg, eos, dtype)
+        config[STRATUS_KEY] = {"step": trained.step, "source": str(trained.source), "model": cfg.model_dump()}
+        _write_json(tmp / "config.json", config)
         _write_json(
             tmp / "generation_config.json", {"bos_token_id": eos, "eos_token_id": eos, "do_sample": False}
         )
         shutil.copyfile(trained.tokenizer_path, tmp / "tokenizer.json")
+        # the chat template `stratus serve` would use for the source; transformers reads the same file
+        carrier = next(
+            (d for d in (trained.source, trained.run_dir) if d is not None and (d / CHAT_TEMPLATE).is_file()),
+            None,
+        )
+        for name in (CHAT_TEMPLATE, CHAT_STOP) if carrier else ():
+            if (carrier / name).is_file():
+                shutil.copyfile(carrier / name, tmp / name)
         special = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS}
         _write_json(tmp / "special_tokens_map.json", special)
         _write_json(

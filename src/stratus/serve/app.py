@@ -73,7 +73,11 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(CountRequests, metrics=state.metrics)
     app.state.stratus = state
     ChatRequest, CompletionRequest = request_models(
-        Limits(vocab=state.engine.model.cfg.vocab_size, context=state.engine.context)
+        Limits(
+            vocab=state.engine.model.cfg.vocab_size,
+            context=state.engine.context,
+            sequences=state.engine.slots + state.engine.config.max_queue,
+        )
     )
 
     @app.get("/health")
@@ -118,8 +122,6 @@ def create_app(state: ServerState) -> FastAPI:
         prompts = body.prompt if isinstance(body.prompt, list) and body.prompt else [body.prompt]
         if isinstance(prompts[0], int):
             prompts = [prompts]  # one prompt given as token ids
-        if any(not p for p in prompts):
-            raise APIError(400, "prompt must not be empty", "prompt")
         ids = await run_in_threadpool(_encode_all, state, prompts, "prompt")
         params = _params(body, body.max_tokens if body.max_tokens is not None else 16, ())
         if body.logprobs is not None:

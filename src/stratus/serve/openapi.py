@@ -21,6 +21,15 @@ WHY = {
     "503": "The engine is not running, or the connection limit is reached.",
 }
 GENERATION = ("/v1/chat/completions", "/v1/completions")
+# One server-sent event of a stream: a JSON chunk (or an error) in `data`, and last `[DONE]`.
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string", "description": "a chunk or an error object as JSON, or [DONE]"},
+    },
+}
 
 
 def _statuses(path: str, method: str, keyed: bool) -> list[str]:
@@ -64,7 +73,7 @@ def install(app: FastAPI, keyed: bool) -> None:
                     )
                     ok["content"] = {
                         "application/json": {"schema": {"type": "object"}},
-                        "text/event-stream": {"schema": {"type": "string"}},
+                        "text/event-stream": {"schema": SSE_EVENT},
                     }
                 if keyed and path.startswith("/v1/"):
                     op["security"] = [{"bearer": []}]

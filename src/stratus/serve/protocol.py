@@ -16,6 +16,7 @@ are accepted and ignored; of vLLM's extensions, top_k, min_p and ignore_eos are 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -59,6 +60,22 @@ def _zero_or_at_least(floor: float, top: float) -> Any:
 Temperature = _zero_or_at_least(TEMPERATURE_FLOOR, 2)
 TopP = _zero_or_at_least(TOP_P_FLOOR, 1)
 TokenBias = Annotated[float, Field(ge=-100, le=100)]
+
+
+def _nonempty(item: Any) -> Any:
+    return Annotated[list[item], Field(min_length=1)]
+
+
+class _PromptForms:
+    """A prompt: a text, a batch of texts, token ids, or a batch of token-id lists; never
+    empty at any level (there would be nothing to continue)."""
+
+    def __class_getitem__(cls, token: Any) -> Any:
+        text = Annotated[Text, Field(min_length=1)]
+        return text | _nonempty(text) | _nonempty(token) | _nonempty(_nonempty(token))
+
+
+Prompt = _PromptForms
 
 
 class _Open(BaseModel):
@@ -116,7 +133,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Text | list[Text] | list[int] | list[list[int]]
+    prompt: Prompt[int]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
@@ -140,31 +157,69 @@ class Limits:
 
     vocab: int  # token ids and logit_bias keys lie in [0, vocab)
     context: int  # prompt plus completion tokens
+    sequences: int = 16  # sequences the server can hold at once, running and waiting
 
 
 def request_models(limits: Limits) -> tuple[type[ChatCompletionRequest], type[CompletionRequest]]:
     """The request classes for one served model: the same fields, bounded by its vocabulary
     and context, so that the OpenAPI document carries the real limits."""
     token = Annotated[int, Field(ge=0, lt=limits.vocab)]
-    bias_key = Annotated[str, Field(pattern=r"^[0-9]{1,9}$"), AfterValidator(_below(limits.vocab))]
-    bias = dict[bias_key, TokenBias] | None
+    pattern = below_pattern(limits.vocab)
+    bias_key = Annotated[str, AfterValidator(_token_key(limits.vocab, pattern))]
+    # the keys' rule stated for JSON-schema readers (pydantic would write patternProperties,
+    # which lets other keys through)
+    bias_schema = {
+        "anyOf": [
+            {
+                "type": "object",
+                "propertyNames": {"pattern": pattern},
+                "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+            },
+            {"type": "null"},
+        ]
+    }
+    bias = Annotated[dict[bias_key, TokenBias] | None, WithJsonSchema(bias_schema)]
     length = Annotated[int | None, Field(ge=1, le=limits.context)]
-    common = {"max_tokens": (length, None), "logit_bias": (bias, None)}
+    choices = Annotated[int, Field(ge=1, le=min(16, limits.sequences))]
+    common = {"max_tokens": (length, None), "logit_bias": (bias, None), "n": (choices, 1)}
     chat = create_model(
         "ChatCompletionRequest",
         __base__=ChatCompletionRequest,
         max_completion_tokens=(length, None),
         **common,
     )
-    prompt = Text | list[Text] | list[token] | list[list[token]]
-    completion = create_model("CompletionRequest", __base__=CompletionRequest, prompt=(prompt, ...), **common)
+    completion = create_model(
+        "CompletionRequest", __base__=CompletionRequest, prompt=(Prompt[token], ...), **common
+    )
     return chat, completion
 
 
-def _below(vocab: int):
+def below_pattern(n: int) -> str:
+    """A regular expression for the decimal integers 0 .. n-1, without leading zeros."""
+    top = str(n - 1)
+    width = len(top)
+    forms = ["[0-9]"] if width > 1 else [f"[0-{top}]"]
+    if width > 2:
+        forms.append(f"[1-9][0-9]{{1,{width - 2}}}")
+    if width > 1:
+        for i, digit in enumerate(top):  # as many digits as n-1, below it from digit i on
+            low, high = (1 if i == 0 else 0), int(digit) - 1
+            if high >= low:
+                rest = width - i - 1
+                forms.append(top[:i] + f"[{low}-{high}]" + (f"[0-9]{{{rest}}}" if rest else ""))
+        forms.append(top)
+    return "^(" + "|".join(forms) + ")$"
+
+
+def _token_key(vocab: int, pattern: str):
+    ids = re.compile(pattern)
+
     def check(key: str) -> str:
-        if int(key) >= vocab:
-            raise ValueError(f"token id {key} is not in this model's vocabulary [0, {vocab})")
+        if not ids.match(key):
+            raise ValueError(
+                f"keys are token ids of this model's vocabulary, decimal integers in [0, {vocab}); "
+                f"{key!r} is not one"
+            )
         return key
 
     return check
