@@ -97,6 +97,33 @@ def start_server(export: Path, max_batch: int, threads: int) -> tuple[subprocess
     raise SystemExit("the server did not answer /health")
 
 
+def connection_latency(url: str, model: str, n: int = 40) -> dict[str, float]:
+    """p50 latency in ms of a one-token completion (its time to first token, whole) and of
+    /health, over one keep-alive connection and over a fresh connection each time. Equal
+    figures mean no per-request stall on a kept connection (Nagle + delayed ACK: ~40 ms)."""
+    body = {"model": model, "prompt": [11, 12, 13, 14], "max_tokens": 1, "temperature": 0}
+
+    def p50(call) -> float:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            assert call().status_code == 200
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    out = {}
+    # one client for both, so that only the connection differs: `Connection: close` makes
+    # each request open a new one
+    with httpx.Client() as client:
+        client.get(url + "/health")
+        for tag, headers in (("keep-alive", {}), ("fresh connection", {"Connection": "close"})):
+            out[f"completion, {tag}"] = p50(
+                lambda h=headers: client.post(url + "/v1/completions", json=body, headers=h)
+            )
+            out[f"health, {tag}"] = p50(lambda h=headers: client.get(url + "/health", headers=h))
+    return out
+
+
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], new: int) -> dict:
     body = {
         "model": model,
@@ -201,6 +228,7 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2, help="torch threads of transformers here")
     p.add_argument("--server-threads", type=int, default=0, help="the server's --threads (0: torch default)")
+    p.add_argument("--latency-only", action="store_true", help="keep-alive against fresh connections, only")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rng = random.Random(0)
@@ -214,6 +242,15 @@ def main() -> None:
             model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
             warm = [([rng.randrange(10, 4000) for _ in range(32)], 8)] * 2
             asyncio.run(load_phase(url, model, warm, 2))
+            print("\np50 ms of one request, keep-alive against a fresh connection:")
+            latency = connection_latency(url, model)
+            for name, ms in latency.items():
+                print(f"  {name:30} {ms:7.2f}")
+            for what in ("completion", "health"):
+                ratio = latency[f"{what}, keep-alive"] / latency[f"{what}, fresh connection"]
+                print(f"  {what}: keep-alive / fresh = {ratio:.2f}x")
+            if args.latency_only:
+                return
             for c in (1, 4, 16):
                 work = [
                     ([rng.randrange(10, 4000) for _ in range(rng.randint(32, 128))], rng.randint(64, 128))

@@ -13,7 +13,7 @@ def _engine_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "path",
         metavar="RUN|CHECKPOINT",
-        help="run directory, checkpoint directory or `stratus export` output",
+        help="run directory, checkpoint directory, or `stratus export` output (either format)",
     )
     sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda when present (default)")
     sp.add_argument(
