@@ -71,6 +71,13 @@ LAYOUTS = {
         ["--parallel.dp_shard=2", "--parallel.activation_checkpoint=selective", "--train.micro_batch=4"],
     ),
     "one_rank_full_ac_accumulation": (1, ["--parallel.activation_checkpoint=full", "--train.micro_batch=2"]),
+    # 4 micro batches a rank: gradients reduce-scattered after each one, summed in shards
+    "dp_shard2_accumulation4": (2, ["--parallel.dp_shard=2", "--train.micro_batch=1"]),
+    # 2 micro batches a rank: the replicas' all-reduce waits for the last one
+    "hsdp_2x2_accumulation2": (
+        4,
+        ["--parallel.dp_replicate=2", "--parallel.dp_shard=2", "--train.micro_batch=1"],
+    ),
 }
 
 
@@ -224,3 +231,34 @@ def test_tied_embeddings_stay_tied_under_tp_and_fsdp(tiny_data: Path, tmp_path: 
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+def test_mfu_and_throughput_per_device_count_every_device(tiny_data: Path, tmp_path: Path):
+    """Under tp 2 both ranks compute one data-parallel batch: MFU divides by the 2 devices,
+    not by the 1 data-parallel rank (which read 2x too high, and 8x at tp 8)."""
+    peak_tflops = 1e-4
+    rows = train_run(
+        2,
+        tmp_path / "tp2",
+        tiny_data,
+        "--parallel.tp=2",
+        "--train.micro_batch=8",
+        "--train.steps=3",
+        f"--log.peak_tflops={peak_tflops}",
+    )
+    model = load_trained(tmp_path / "tp2").model
+    # by hand from the real tensors: every weight but the embedding is a matmul (norm gains
+    # aside), the output projection is one more, and attention scores cost 12·L·d·T
+    d, seq = model.cfg.d_model, 32
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embeddings" not in n)
+    if model.cfg.tie_embeddings:
+        matmul += model.tok_embeddings.weight.numel()
+    norms = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    flops_per_token = 6 * (matmul + norms) + 12 * model.cfg.n_layers * d * seq
+    assert flops_per_token == model.flops_per_token(seq)
+    logged = [r for r in rows if r.get("mfu") is not None]
+    assert logged
+    for r in logged:
+        expected = flops_per_token * r["tokens_per_s"] / (peak_tflops * 1e12 * 2)
+        assert r["mfu"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
+        assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 2, rel=1e-3)
