@@ -325,7 +325,9 @@ def test_a_client_that_hangs_up_frees_its_slot_within_a_step(slow_server, stream
 def test_a_request_that_can_never_fit_is_400_and_a_full_queue_429_with_a_computed_retry(slow_server):
     s = slow_server  # 2 slots and 1 queue place: 3 sequences at most
     r = httpx.post(s.url + "/v1/completions", json=completion(s, n=4), timeout=30)
-    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_sequences"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"  # the schema's bound on n
+    r = httpx.post(s.url + "/v1/completions", json=completion(s, prompt=["a", "b"], n=2), timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_sequences"  # 2 x 2 > 3
     assert r.json()["error"]["param"] == "n"
     busy = [
         threading.Thread(

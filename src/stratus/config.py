@@ -218,6 +218,11 @@ class ReliabilityConfig(Section):
         gt=0,
         description="seconds without a finished step before the watchdog dumps every thread's stack and exits the rank (far below NCCL's 10 minutes)",
     )
+    startup_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="seconds start-up (joining the group, loading data and model, restoring a checkpoint) may take before the watchdog ends the rank; at least hang_timeout_s",
+    )
     max_restarts: int = Field(
         0,
         ge=0,

@@ -26,7 +26,9 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="stratus-watchdog", daemon=True)
 
-    def start(self) -> Watchdog:
+    def start(self, limit_s: float | None = None) -> Watchdog:
+        """Watch from now; the first progress must come within limit_s (start-up takes longer
+        than a step: a busy machine, a large checkpoint to restore)."""
         hangs = self.run_dir / "hangs"
         hangs.mkdir(parents=True, exist_ok=True)
         for stale in hangs.glob(f"native-rank{self.rank}-*.txt"):  # left empty by a killed process
@@ -34,16 +36,21 @@ class Watchdog:
                 stale.unlink()
         self._native_path = hangs / f"native-rank{self.rank}-{os.getpid()}.txt"
         self._native = open(self._native_path, "w")  # noqa: SIM115 - held for faulthandler until stop()
-        self.beat()
+        self._arm(limit_s)  # no heartbeat yet: a supervisor watches it only once steps have begun
         self._thread.start()
         return self
 
-    def beat(self) -> None:
-        """Progress was made (a step, an evaluation, a checkpoint)."""
-        self._last = time.monotonic()
-        faulthandler.dump_traceback_later(1.5 * self.timeout_s + 5, exit=True, file=self._native)
+    def beat(self, limit_s: float | None = None) -> None:
+        """Progress was made (a step, an evaluation, a checkpoint); the next must come within
+        limit_s, by default the hang timeout."""
+        self._arm(limit_s)
         if self.heartbeat_file is not None:  # for a supervisor watching from outside
             self.heartbeat_file.touch()
+
+    def _arm(self, limit_s: float | None) -> None:
+        self._limit = max(self.timeout_s, limit_s or 0)
+        self._last = time.monotonic()
+        faulthandler.dump_traceback_later(1.5 * self._limit + 5, exit=True, file=self._native)
 
     def stop(self) -> None:
         self._stop.set()
@@ -57,7 +64,7 @@ class Watchdog:
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, self.timeout_s / 10)):
             idle = time.monotonic() - self._last
-            if idle > self.timeout_s:
+            if idle > self._limit:
                 self._fire(idle)
 
     def _fire(self, idle: float) -> None:
@@ -66,8 +73,8 @@ class Watchdog:
         path = hangs / f"rank{self.rank}-{time.strftime('%Y%m%dT%H%M%S')}.txt"
         with open(path, "w") as f:
             f.write(
-                f"rank {self.rank}: no progress for {idle:.0f}s (reliability.hang_timeout_s = "
-                f"{self.timeout_s:g}); stacks of every thread:\n\n"
+                f"rank {self.rank}: no progress for {idle:.0f}s (limit {self._limit:g}s, "
+                f"reliability.hang_timeout_s = {self.timeout_s:g}); stacks of every thread:\n\n"
             )
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)

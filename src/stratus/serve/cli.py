@@ -81,6 +81,8 @@ def cmd_serve(args, overrides):
         flush=True,
     )
     code = running.serve()
+    if code == 130:
+        raise KeyboardInterrupt  # stopped with Ctrl-C: the CLI's one way of saying so
     if code:
         raise SystemExit(code)  # the engine died: a supervisor should restart the server
 

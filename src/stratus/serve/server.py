@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import socket
 import threading
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ class Running:
         return self.sock.getsockname()[1]
 
     def serve(self) -> int:
-        """Serve until stopped; the exit code: 0, or ENGINE_DIED."""
+        """Serve until stopped; the exit code: 0, 130 after Ctrl-C, or ENGINE_DIED."""
         self.state.engine.start()
 
         def watch() -> None:
@@ -103,7 +104,23 @@ class Running:
         finally:
             self.state.engine.stop()
             self.sock.close()
-        return ENGINE_DIED if self.engine_died else 0
+        if self.engine_died:
+            return ENGINE_DIED
+        # uvicorn re-raises the SIGINT it shut down for, but asyncio's runner may swallow it
+        # when the serving task has already finished: the code must not depend on that race
+        return 130 if signal.SIGINT in self.server.signals else 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, remembering which signals asked it to stop."""
+
+    def __init__(self, config: uvicorn.Config):
+        super().__init__(config)
+        self.signals: list[int] = []
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self.signals.append(sig)
+        super().handle_exit(sig, frame)
 
 
 def guarded_protocol(limits: Limits) -> type[H11Protocol]:
@@ -178,4 +195,4 @@ def prepare_server(
         timeout_keep_alive=limits.keep_alive_s,
         access_log=log_level == "debug",
     )
-    return Running(uvicorn.Server(config), sock, state)
+    return Running(_Server(config), sock, state)

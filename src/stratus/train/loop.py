@@ -71,7 +71,7 @@ def train(cfg: Config) -> Summary:
     heartbeat = os.environ.get("STRATUS_HEARTBEAT") if rank == 0 else None
     watchdog = Watchdog(
         cfg.reliability.hang_timeout_s, Path(cfg.run.dir), rank, Path(heartbeat) if heartbeat else None
-    ).start()
+    ).start(limit_s=cfg.reliability.startup_timeout_s)
     env = denv.setup(cfg.train.device, cfg.parallel.timeout_s)
     try:
         return Trainer(build_job(cfg, env, layout), watchdog).run()
