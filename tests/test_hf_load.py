@@ -21,7 +21,6 @@ from tests.conftest import TINY_ARGS, run_cli
 from tests.serving import LiveServer, make_export
 
 STEPS = 4
-TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
 GREEDY = ("--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0")
 
 
@@ -32,7 +31,6 @@ def exported(tiny_data, tmp_path_factory) -> tuple[Path, Path]:
     run, hf = base / "run", base / "hf"
     r = run_cli("train", f"--data.path={tiny_data}", f"--run.dir={run}", *TINY_ARGS, f"--train.steps={STEPS}")
     assert r.returncode == 0, r.stderr[-3000:]
-    (run / "chat_template.jinja").write_text(TEMPLATE)
     r = run_cli("export", str(run), "--out", str(hf), "--format", "hf")
     assert r.returncode == 0, r.stderr
     return run, hf
@@ -116,7 +114,6 @@ def test_serving_the_hf_export(exported):
     server = LiveServer(hf)
     try:
         assert server.model == hf.name
-        assert server.state.template.origin == str(hf / "chat_template.jinja")  # carried from the run
         body = {"model": server.model, "prompt": "def ", "max_tokens": 5, "temperature": 0}
         r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
         assert r.status_code == 200, r.text

@@ -29,8 +29,6 @@ from stratus.checkpoint.load import load_trained, one_line
 from stratus.config import ModelConfig
 from stratus.data.tokenizer import EOS, load_tokenizer
 from stratus.errors import StratusError
-from stratus.serve.chat_template import FILE as CHAT_TEMPLATE
-from stratus.serve.chat_template import STOP_FILE as CHAT_STOP
 
 STRATUS_KEY = "stratus"
 # What decides the function a model computes: the stored config and the Llama fields must agree on these.
@@ -206,14 +204,6 @@ def export_hf(source: str | Path, out: str | Path, force: bool = False) -> Path:
             tmp / "generation_config.json", {"bos_token_id": eos, "eos_token_id": eos, "do_sample": False}
         )
         shutil.copyfile(trained.tokenizer_path, tmp / "tokenizer.json")
-        # the chat template `stratus serve` would use for the source; transformers reads the same file
-        carrier = next(
-            (d for d in (trained.source, trained.run_dir) if d is not None and (d / CHAT_TEMPLATE).is_file()),
-            None,
-        )
-        for name in (CHAT_TEMPLATE, CHAT_STOP) if carrier else ():
-            if (carrier / name).is_file():
-                shutil.copyfile(carrier / name, tmp / name)
         special = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS}
         _write_json(tmp / "special_tokens_map.json", special)
         _write_json(
