@@ -181,3 +181,16 @@ def test_launch_through_the_cli(trained, tmp_path: Path):
         "launch", "k8s", str(config), "--nodes", "2", "--out", str(tmp_path / "j.yaml"), "--parallel.tp=3"
     )
     assert bad.returncode == 2 and "parallel.tp" in bad.stderr and not (tmp_path / "j.yaml").exists()
+
+
+def test_an_older_torch_gets_one_line_naming_the_version(monkeypatch, capsys):
+    from importlib import metadata
+
+    from stratus.cli import main, torch_too_old
+
+    assert torch_too_old() is None  # the torch installed here meets the floor pyproject states
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "2.8.0+cu126" if name == "torch" else real(name))
+    assert main(["plan", "--help"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("stratus: error: stratus needs torch 2.9 or newer")

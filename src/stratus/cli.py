@@ -360,8 +360,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def torch_too_old(found: str | None = None) -> str | None:
+    """One line saying which torch is needed, when the installed one is older than the floor
+    that stratus's own requirements state (pyproject.toml is the one place it is written)."""
+    from importlib import metadata
+
+    try:
+        found = found or metadata.version("torch")
+        floor = next(
+            r for r in metadata.requires("stratus") or [] if r.replace(" ", "").startswith("torch>=")
+        )
+    except (metadata.PackageNotFoundError, StopIteration):
+        return None  # not installed as a package: nothing to check against
+    need = floor.replace(" ", "").removeprefix("torch>=").split(";")[0].split(",")[0]
+
+    def key(v: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in v.split("+")[0].split(".")[:2] if p.isdigit())
+
+    if key(found) >= key(need):
+        return None
+    return f"stratus needs torch {need} or newer and found {found}: pip install 'torch>={need}'"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    old = torch_too_old()
+    if old:
+        print(f"stratus: error: {old}", file=sys.stderr)
+        return 2
     plain, overrides = _split_overrides(argv)
     parser = build_parser()
     args = parser.parse_args(plain)

@@ -39,6 +39,11 @@ from stratus.distributed.env import DistEnv, all_ranks_true, barrier, broadcast_
 from stratus.errors import StratusError
 
 log = logging.getLogger("stratus.checkpoint")
+
+# torch 2.11 closes a DefaultStager's copier at the end of its first save, so a second async
+# save through the same stager fails (torch issue 183413, fixed for 2.13): there each save
+# gets a stager of its own, and the reuse of staging memory is lost on those versions only.
+STAGER_REUSABLE = not (2, 11) <= tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13)
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 
@@ -138,7 +143,7 @@ class CheckpointManager:
             torch.save(get_rng_state(), pending.tmp / "rng" / f"rank-{env.rank:05d}.pt")
             with _one_process_ok():
                 if asynchronous:
-                    if self._stager is None:
+                    if self._stager is None or not STAGER_REUSABLE:
                         cuda = env.device.type == "cuda"
                         # staging finishes before the loop goes on (the optimizer must not change
                         # what is being copied); the write itself runs in the background
