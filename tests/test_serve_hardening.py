@@ -424,3 +424,18 @@ def test_every_request_ends_in_exactly_one_finish_reason(slow_server):
     after = _finished(s)
     delta = {k: after[k] - before[k] for k in after}
     assert delta == {"stop": 0, "length": 2, "cancelled": 1, "error": 0, "rejected": 2}, delta
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 9, 10, 11, 99, 100, 101, 320, 4096, 10_000, 32_000, 128_256])
+def test_the_logit_bias_key_pattern_is_exactly_the_vocabulary(vocab):
+    """The regular expression the OpenAPI document gives for logit_bias keys accepts the
+    decimal ids 0 .. vocab-1 and nothing else."""
+    import re
+
+    from stratus.serve.protocol import below_pattern
+
+    ids = re.compile(below_pattern(vocab))
+    for k in [*range(min(vocab + 50, 20_000)), vocab - 1, vocab, vocab + 1, 10 * vocab]:
+        assert bool(ids.match(str(k))) == (k < vocab), k
+    for bad in ("00", "01", "-1", "", "1a", "²", " 1", "1 "):
+        assert not ids.match(bad), bad

@@ -215,7 +215,7 @@ def _token_key(vocab: int, pattern: str):
     ids = re.compile(pattern)
 
     def check(key: str) -> str:
-        if not ids.match(key):
+        if not ids.fullmatch(key):  # fullmatch: `$` alone would let "1\n" through
             raise ValueError(
                 f"keys are token ids of this model's vocabulary, decimal integers in [0, {vocab}); "
                 f"{key!r} is not one"
