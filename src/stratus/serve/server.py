@@ -76,7 +76,7 @@ def bind(host: str, port: int) -> socket.socket:
 class Running:
     """A server started in this process: `server.should_exit = True` stops it."""
 
-    server: uvicorn.Server
+    server: _Server
     sock: socket.socket
     state: ServerState
     engine_died: bool = False
