@@ -113,7 +113,7 @@ def create_app(state: ServerState) -> FastAPI:
         params = _params(body, body.max_completion_tokens or body.max_tokens, state.template.stop)
         if body.logprobs:
             params = replace(params, logprobs=body.top_logprobs or 0)
-        ids = await run_in_threadpool(_encode_all, state, [text], "messages")
+        ids = await run_in_threadpool(_encode_all, state, [text])
         return await _serve(state, request, body, ids, params, chat=True)
 
     @app.post("/v1/completions")
@@ -122,7 +122,8 @@ def create_app(state: ServerState) -> FastAPI:
         prompts = body.prompt if isinstance(body.prompt, list) and body.prompt else [body.prompt]
         if isinstance(prompts[0], int):
             prompts = [prompts]  # one prompt given as token ids
-        ids = await run_in_threadpool(_encode_all, state, prompts, "prompt")
+        _check_length(state, sum(len(p) for p in prompts if isinstance(p, str)), "prompt")
+        ids = await run_in_threadpool(_encode_all, state, prompts)
         params = _params(body, body.max_tokens if body.max_tokens is not None else 16, ())
         if body.logprobs is not None:
             params = replace(params, logprobs=body.logprobs)
@@ -160,11 +161,10 @@ def _check_length(state: ServerState, chars: int, param: str) -> None:
         )
 
 
-def _encode_all(state: ServerState, prompts: list, param: str) -> list[list[int]]:
+def _encode_all(state: ServerState, prompts: list) -> list[list[int]]:
     """Token ids of each prompt (worker thread). Documents began after end-of-text in
     training, so a prompt starts with one (as Llama's tokenizer puts BOS first); it counts as
     a prompt token in usage."""
-    _check_length(state, sum(len(p) for p in prompts if isinstance(p, str)), param)
     out = []
     for p in prompts:
         if not isinstance(p, str):

@@ -66,16 +66,11 @@ def _nonempty(item: Any) -> Any:
     return Annotated[list[item], Field(min_length=1)]
 
 
-class _PromptForms:
+def prompt_type(token: Any) -> Any:
     """A prompt: a text, a batch of texts, token ids, or a batch of token-id lists; never
     empty at any level (there would be nothing to continue)."""
-
-    def __class_getitem__(cls, token: Any) -> Any:
-        text = Annotated[Text, Field(min_length=1)]
-        return text | _nonempty(text) | _nonempty(token) | _nonempty(_nonempty(token))
-
-
-Prompt = _PromptForms
+    text = Annotated[Text, Field(min_length=1)]
+    return text | _nonempty(text) | _nonempty(token) | _nonempty(_nonempty(token))
 
 
 class _Open(BaseModel):
@@ -103,7 +98,7 @@ class _Sampling(_Open):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     # keys are token ids written in ASCII digits; the vocabulary bound is the served model's
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], TokenBias] | None = None
+    logit_bias: dict[str, TokenBias] | None = None  # request_models bounds the keys by the vocabulary
     # vLLM's: -1 or 0 = off, as is a k at least the vocabulary
     top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
     min_p: float = Field(0.0, ge=0, le=1)
@@ -133,7 +128,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Prompt[int]
+    prompt: prompt_type(int)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
@@ -189,7 +184,7 @@ def request_models(limits: Limits) -> tuple[type[ChatCompletionRequest], type[Co
         **common,
     )
     completion = create_model(
-        "CompletionRequest", __base__=CompletionRequest, prompt=(Prompt[token], ...), **common
+        "CompletionRequest", __base__=CompletionRequest, prompt=(prompt_type(token), ...), **common
     )
     return chat, completion
 

@@ -219,7 +219,7 @@ class Trainer:
             if isinstance(job.model, FSDPModule):
                 # Every micro batch's gradients are reduce-scattered at once, so a rank only ever
                 # holds its shard of them (deferring that would keep every block's whole fp32
-                # gradient until the last micro batch: +32 GB a GPU for llama3-8b on 64). Only
+                # gradient until the last micro batch: 8B x 4 bytes = 32 GB a GPU for llama3-8b). Only
                 # HSDP's all-reduce across replicas, over gradients already sharded, waits.
                 job.model.set_requires_all_reduce(i == len(micro) - 1)
             with job.loss_context():
