@@ -94,6 +94,24 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def torchrun_script(
+    script: Path, *args: str, nproc: int = 2, torchrun_args: tuple[str, ...] = (), env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """A Python script on `nproc` real local ranks under torchrun (gloo), one thread each."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *torchrun_args,
+        str(script),
+        *args,
+    ]
+    env = env if env is not None else {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
     """The real `stratus` command in a subprocess."""
     return subprocess.run(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stratus import launch
+from stratus import atomic
 from stratus.config import Config
 from stratus.errors import StratusError
 from stratus.launch import WHY, k8s_manifest, render_k8s, render_slurm, to_yaml, write_launch
@@ -319,7 +319,7 @@ def test_write_launch_leaves_nothing_half_written(tmp_path, cfg_file, monkeypatc
     def crash(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(launch.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)  # the one atomic-write helper
     with pytest.raises(OSError, match="disk full"):
         write_launch("k8s", str(cfg_file), str(out), nodes=4)
     assert list(out.parent.iterdir()) == []  # neither the file nor its temporary

@@ -315,3 +315,46 @@ def test_retention_never_deletes_the_last_verified(tiny_data: Path, tmp_path: Pa
     r = stratus(*train_args(tiny_data, run, "--checkpoint.keep=1", "--train.steps=6"))
     assert r.returncode == 0
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [6]
+
+
+# the watchdog's limits, short: a step of the tiny model takes milliseconds
+SHORT_LIMITS = ("--checkpoint.interval=2", "--reliability.hang_timeout_s=3")
+
+
+def test_hang_during_save_is_caught_and_the_job_recovers(tiny_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    r = stratus(
+        "train",
+        f"--data.path={tiny_data}",
+        f"--run.dir={run}",
+        *TINY,
+        "--train.steps=6",
+        *SHORT_LIMITS,
+        "--reliability.checkpoint_timeout_s=6",
+        "--max-restarts=2",
+        faults="hang_during_save@step=4",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "hang (watchdog)" in (run / "restarts.jsonl").read_text()
+    dump = next((run / "hangs").glob("rank0-*.txt")).read_text()
+    assert "limit 6s" in dump and "_hang" in dump  # caught at the save's limit, inside the save
+    assert max(m["step"] for m in metrics(run)) == 6
+
+
+def test_slow_but_progressing_save_is_not_killed(tiny_data: Path, tmp_path: Path):
+    """Every file of the save takes 2 s more: the save takes longer than its 5 s limit, but
+    it never goes 5 s without progress."""
+    run = tmp_path / "run"
+    r = stratus(
+        "train",
+        f"--data.path={tiny_data}",
+        f"--run.dir={run}",
+        *TINY,
+        "--train.steps=2",
+        *SHORT_LIMITS,
+        "--reliability.checkpoint_timeout_s=5",
+        faults="slow_save@factor=2",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run / "goodput.json").read_text())["checkpoint_s"] > 5  # longer than its limit
+    assert not (run / "hangs").exists() or not list((run / "hangs").glob("rank*.txt"))

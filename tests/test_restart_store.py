@@ -10,11 +10,9 @@ four restarts in a row catch it with probability 15/16."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.conftest import torchrun_script
 
 RESTARTS = 4
 
@@ -55,18 +53,8 @@ def test_restarted_round_connects_despite_the_dead_rounds_keys(tmp_path: Path):
     marks.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # torchrun's default: one shared store
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        f"--max-restarts={RESTARTS}",
-        str(script),
-        str(marks),
-        str(RESTARTS),
-    ]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    restarts = (f"--max-restarts={RESTARTS}",)
+    r = torchrun_script(script, str(marks), str(RESTARTS), torchrun_args=restarts, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     ok = {p.name for p in marks.iterdir() if p.name.endswith("-ok")}
     assert ok == {f"round{k}-rank{r}-ok" for k in range(RESTARTS + 1) for r in (0, 1)}

@@ -208,6 +208,69 @@ def cmd_chaos(args, overrides):
     return 0 if r["bitwise_equal"] else 1
 
 
+def cmd_dryrun(args, overrides):
+    from stratus.plan.catalog import load_catalog
+    from stratus.train.dryrun import dry_run
+
+    cfg = _config(args, overrides)
+    if args.world_size is not None and args.nodes is not None:
+        raise StratusError(
+            "give the job's size as --world-size W or as --nodes N [--gpus-per-node G], not both"
+        )
+    world = args.world_size if args.world_size is not None else (args.nodes or 1) * args.gpus_per_node
+    if world < 1 or args.gpus_per_node < 1:
+        raise StratusError(
+            f"the world size must be at least 1 (got {world}): give --world-size W or --nodes N"
+        )
+    gpu = load_catalog(args.catalog).gpu(args.gpu)
+    r = dry_run(cfg, world, gpu, steps=args.steps, label=args.config or "defaults")
+    if args.json:
+        print(json.dumps(r.as_dict(), indent=1))
+    else:
+        _print_dryrun(r)
+    if not r.fits:
+        if not args.json:
+            print(f"stratus: error: {r.config} on {world} x {gpu.name}: {r.verdict()}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _print_dryrun(r) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"[bold]{r.config}[/] on {r.world_size} x {r.gpu} | {r.layout} | {_count(r.params)} parameters "
+        f"| {r.tokens_per_step:,} tokens a step, {r.accum} micro batch(es) a rank | dry run {r.seconds:.0f}s"
+    )
+    mem = Table(title="peak memory per GPU")
+    mem.add_column("")
+    mem.add_column("GiB", justify="right")
+    for key, value in r.memory_gib.items():
+        mem.add_row(key, f"{value:.2f}")
+    mem.add_row("allowance (CUDA context, NCCL, fragmentation)", f"{r.allowance_gib:.2f}")
+    mem.add_row("[bold]total[/]", f"[bold]{r.peak_gib + r.allowance_gib:.2f}[/]")
+    mem.add_row("the GPU's memory", f"{r.hbm_gib:.1f}")
+    console.print(mem)
+    comms = Table(title="collectives per step, per GPU")
+    for col in ("op (group)", "calls", "GiB"):
+        comms.add_column(col, justify="left" if col.startswith("op") else "right")
+    for key, v in r.collectives.items():
+        comms.add_row(key, f"{v['calls']:,}", f"{v['gib']:.2f}")
+    console.print(comms)
+    console.print(
+        f"FLOPs per step per GPU: {r.flops_per_step:.3e} counted ({r.flops_estimate:.3e} by 6N + attention)"
+    )
+    for note in r.notes:
+        console.print(f"note: {note}")
+    console.print(("[green]" if r.fits else "[red]") + r.verdict())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="stratus",
@@ -344,6 +407,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print one JSON object")
     sp.set_defaults(func=cmd_chaos, overrides=True)
 
+    sp = verbs.add_parser(
+        "dryrun",
+        help="run the real training step at cluster size on this CPU: memory, collectives, fit",
+        description="Build the model, layout, mesh, parallelism and optimizer of CONFIG for W GPUs "
+        "under a fake process group and fake tensors, run two training steps, and report peak memory "
+        "per GPU by category, the collectives and FLOPs of a step, and whether it fits the GPU. "
+        "Exits 2 when it does not fit.",
+    )
+    sp.add_argument("config", nargs="?", help="config TOML, e.g. configs/llama3-8b.toml")
+    size = sp.add_argument_group("the job's size: --world-size W, or --nodes N --gpus-per-node G")
+    size.add_argument("--world-size", type=int, help="GPUs in the job")
+    size.add_argument("--nodes", type=int, help="nodes in the job")
+    size.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    sp.add_argument(
+        "--gpu",
+        default="h100-sxm",
+        help="GPU from the planner's catalog (default h100-sxm): its memory is the limit",
+    )
+    sp.add_argument("--catalog", help="a catalog TOML with more GPUs (as for `stratus plan`)")
+    sp.add_argument("--steps", type=int, default=2, help="training steps to run (default 2)")
+    sp.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    sp.set_defaults(func=cmd_dryrun, overrides=True)
+
     sp = verbs.add_parser("export", help="consolidated safetensors + config + tokenizer for inference")
     sp.add_argument("path", metavar="RUN|CHECKPOINT", help="run directory or checkpoint directory")
     sp.add_argument("--out", required=True, help="output directory")
@@ -393,7 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(plain)
     try:
         if overrides and not getattr(args, "overrides", False):
-            raise StratusError(f"{overrides[0]}: config overrides apply to `train` and `config show` only")
+            raise StratusError(
+                f"{overrides[0]}: this verb takes no config overrides "
+                "(train, dryrun, launch, chaos and config show do)"
+            )
         args.argv = argv
         rc = args.func(args, overrides)
     except StratusError as e:

@@ -90,7 +90,10 @@ class DataConfig(Section):
         "data/stdlib", description="prepared data directory (from `stratus prepare`), holding manifest.json"
     )
     seq_len: int = Field(256, ge=1, description="tokens per training sequence; at most model.max_seq_len")
-    verify: bool = Field(True, description="check every shard's sha256 against the manifest before training")
+    verify: bool = Field(
+        True,
+        description="check every shard's sha256 against the manifest, in the background while training (each rank a share); sizes are always checked at start",
+    )
 
 
 class TrainConfig(Section):
@@ -222,6 +225,11 @@ class ReliabilityConfig(Section):
         300.0,
         gt=0,
         description="seconds start-up (joining the group, loading data and model, restoring a checkpoint) may take before the watchdog ends the rank; at least hang_timeout_s",
+    )
+    checkpoint_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="seconds a checkpoint save or restore may go without progress (a file written or checksummed) before the watchdog ends the rank; at least hang_timeout_s",
     )
     max_restarts: int = Field(
         0,

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import re
 import shlex
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stratus.atomic import write_atomic
 from stratus.errors import StratusError
 
 KINDS = {"slurm": ".sbatch", "k8s": ".yaml"}
@@ -387,15 +386,5 @@ def write_launch(
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "slurm":  # Slurm does not create the directory of --output; the job would die silently
         Path(kw.get("log_dir", "logs")).mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text, mode=0o644)
     return path

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from stratus.checkpoint.atomic import atomic_directory, refuse_existing
+from stratus.atomic import atomic_directory, refuse_existing
 from stratus.checkpoint.load import EXPORT_FORMAT, load_trained
 from stratus.errors import StratusError
 

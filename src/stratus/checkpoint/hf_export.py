@@ -24,7 +24,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from stratus.checkpoint.atomic import atomic_directory, refuse_existing
+from stratus.atomic import atomic_directory, refuse_existing
 from stratus.checkpoint.load import load_trained, one_line
 from stratus.config import ModelConfig
 from stratus.data.tokenizer import EOS, load_tokenizer

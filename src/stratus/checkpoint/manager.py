@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from stratus.atomic import write_atomic, write_json_atomic
 from stratus.checkpoint import manifest as mf
 from stratus.checkpoint.rng import get_rng_state, set_rng_state
-from stratus.data.manifest import write_json_atomic
-from stratus.distributed.env import DistEnv, all_ranks_true, barrier, broadcast_object
+from stratus.distributed.env import DistEnv, all_ranks_true, barrier, broadcast_object, gather_object
 from stratus.errors import StratusError
 
 log = logging.getLogger("stratus.checkpoint")
@@ -112,6 +113,9 @@ class CheckpointManager:
         self.root, self.env, self.keep, self.keep_every = Path(root), env, keep, keep_every
         self.async_group = async_group  # a separate process group: async writes must not race training's
         self._stager = None  # kept across saves, so its CPU staging buffers are allocated once
+        # Called at each unit of progress in a save or a verification (a file checksummed):
+        # the trainer beats its watchdog here, so a long save that progresses is not a hang.
+        self.progress: Callable[[], None] = lambda: None
 
     # --- save ----------------------------------------------------------------------------
 
@@ -169,8 +173,9 @@ class CheckpointManager:
         return pending
 
     def finish(self, pending: PendingSave, before_commit=None) -> Path:
-        """Collective. Wait for the shards, then rank 0 writes trainer.json and the manifest,
-        renames the directory into place and updates `latest`. Raises SaveError."""
+        """Collective. Wait for the shards; each rank checksums its own files; rank 0 gathers
+        them into the manifest, renames the directory into place and updates `latest`.
+        Raises SaveError."""
         error = None
         try:
             if pending.future is not None:
@@ -179,23 +184,30 @@ class CheckpointManager:
             error = e
         self._agree_or_raise(error, pending)
         final = self.root / step_name(pending.step)
-        error = None
-        if self.env.is_main:
+        env, files, error = self.env, [], None
+        try:
+            if env.is_main:
+                write_json_atomic(pending.tmp / "trainer.json", pending.trainer)
+            # every rank fsyncs and checksums the files it wrote, at the same time
+            self.progress()  # the shards are written
+            files = mf.entries(pending.tmp, mf.share(pending.tmp, env.rank, env.world_size), self.progress)
+        except OSError as e:
+            error = e
+        self._agree_or_raise(error, pending)
+        gathered = gather_object(env, files)
+        if env.is_main:
             try:
                 if before_commit is not None:
                     before_commit(pending.tmp)  # fault injection: die with the shards half-committed
-                write_json_atomic(pending.tmp / "trainer.json", pending.trainer)
-                mf.write_manifest(
-                    pending.tmp, {"step": pending.step, "world_size": self.env.world_size, **pending.meta}
-                )
+                meta = {"step": pending.step, "world_size": env.world_size, **pending.meta}
+                mf.write_manifest(pending.tmp, meta, [e for rank in gathered for e in rank])
                 if final.exists():  # saving the same step again (a resumed run): replace it
                     trash = self.root / f".trash-{step_name(pending.step)}"
                     os.replace(final, trash)
                     shutil.rmtree(trash)
                 os.replace(pending.tmp, final)
                 _fsync_dir(self.root)
-                (self.root / ".latest.tmp").write_text(f"{pending.step}\n")
-                os.replace(self.root / ".latest.tmp", self.root / "latest")
+                write_atomic(self.root / "latest", f"{pending.step}\n")
                 self._retain(newest=pending.step)
             except OSError as e:
                 error = e
@@ -233,9 +245,23 @@ class CheckpointManager:
     # --- load ----------------------------------------------------------------------------
 
     def find(self) -> tuple[int, Path] | None:
-        """Rank 0 picks the newest verified checkpoint; every rank gets its answer."""
-        found = newest_verified(self.root) if self.env.is_main else None
-        return broadcast_object(self.env, found)
+        """Collective: the newest checkpoint that matches its manifest, on every rank. Rank 0
+        checks that each file is there at its size; then every rank checksums its share of
+        the files in parallel, and a damaged one, found by any rank, is skipped on all."""
+        env = self.env
+        candidates = broadcast_object(env, list_checkpoints(self.root) if env.is_main else None)
+        for step, path in candidates:
+            problem = broadcast_object(env, mf.verify(path, checksums=False) if env.is_main else None)
+            if problem is None:
+                mine = mf.verify(path, rank=env.rank, world_size=env.world_size, progress=self.progress)
+                if mine is not None:
+                    log.warning("checkpoint %s fails verification on rank %d: %s", path, env.rank, mine)
+                if all_ranks_true(env, mine is None):
+                    return step, path
+                problem = "a file does not match its sha256"
+            if env.is_main:
+                log.warning("checkpoint %s is unusable (%s); trying the previous one", path, problem)
+        return None
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Loaded:
         """Restore model, optimizer and this rank's RNG from a verified checkpoint."""

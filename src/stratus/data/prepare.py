@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import os
-import shutil
 import sysconfig
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stratus.data.manifest import FORMAT, sha256_file, write_json_atomic
+from stratus.atomic import atomic_directory, write_json_atomic
+from stratus.data.manifest import FORMAT, sha256_file
 from stratus.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from stratus.errors import StratusError
 
@@ -186,24 +185,11 @@ def prepare(
         f"from {len(paths)} files; skipped {len(corpus.skipped)} unreadable, {corpus.empty} empty"
     )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(out) as tmp:
         manifest = _build(corpus, tok, vocab_size, val_fraction, shard_tokens, tmp, say)
         manifest["sources"] = labels
         manifest["seconds"] = round(time.time() - t0, 1)
         write_json_atomic(tmp / "manifest.json", manifest)  # last: its presence means complete
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 

@@ -102,6 +102,15 @@ def broadcast_object(env: DistEnv, obj):
     return box[0]
 
 
+def gather_object(env: DistEnv, obj) -> list | None:
+    """Every rank's obj, in rank order, on rank 0 (None elsewhere)."""
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size if env.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def all_reduce_mean(env: DistEnv, value: torch.Tensor) -> torch.Tensor:
     if env.distributed:
         value = value.clone()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stratus.atomic import atomic_file
 from stratus.errors import StratusError
 from stratus.plan.catalog import Cluster, Software
 from stratus.plan.cost import Estimate
@@ -175,13 +174,9 @@ def plot(plan: Plan, path: str | Path) -> Path:
     ax2.set_title("ETTR against cluster size")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

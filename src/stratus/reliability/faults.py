@@ -8,6 +8,8 @@ separated by commas, from `reliability.faults` and the STRATUS_FAULTS variable.
     slow@rank=0:factor=2         make every step of the rank take factor times as long
     crash_during_save@step=40    die half-way through writing the checkpoint of step 40
     corrupt_checkpoint@step=60   flip a byte of the checkpoint of step 60 once it is complete
+    hang_during_save@step=40     stop for good with the checkpoint of step 40 written, not committed
+    slow_save@factor=3           take factor seconds more for every file of every checkpoint
 
 A fault without rank= hits rank 0. Each fires once per run (times=N: up to N times, to
 rehearse a crash loop): before firing, the rank creates RUN/faults/<spec>-<n> exclusively, so
@@ -24,8 +26,18 @@ from pathlib import Path
 
 from stratus.errors import StratusError
 
-KINDS = {"kill", "hang", "nan", "spike", "slow", "crash_during_save", "corrupt_checkpoint"}
-NEEDS_STEP = KINDS - {"slow"}
+KINDS = {
+    "kill",
+    "hang",
+    "nan",
+    "spike",
+    "slow",
+    "crash_during_save",
+    "corrupt_checkpoint",
+    "hang_during_save",
+    "slow_save",
+}
+NEEDS_STEP = KINDS - {"slow", "slow_save"}
 
 
 @dataclass(frozen=True)
@@ -79,10 +91,12 @@ class FaultInjector:
         self.any_spike = any(f.kind == "spike" for f in faults)
         self.faults = [f for f in faults if f.rank == rank]
         self.dir = run_dir / "faults"
-        self.slow_factor = 1.0
+        self.slow_factor, self.save_delay_s = 1.0, 0.0
         for f in self.faults:
             if f.kind == "slow" and self._claim(f):
                 self.slow_factor = f.factor
+            if f.kind == "slow_save" and self._claim(f):
+                self.save_delay_s = f.factor
 
     def _claim(self, fault: Fault) -> bool:
         """True at most fault.times per run: each firing creates its marker file exclusively."""
@@ -111,6 +125,11 @@ class FaultInjector:
         if self.due("hang", step):
             while True:  # a rank stuck for good, as in a deadlocked collective
                 time.sleep(3600)
+
+    def slow_save(self) -> None:
+        """slow_save: a storage system that takes this long for every file."""
+        if self.save_delay_s:
+            time.sleep(self.save_delay_s)
 
     def slow_down(self, step_seconds: float) -> None:
         if self.slow_factor > 1.0:

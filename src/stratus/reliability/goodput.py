@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stratus.atomic import write_atomic
+
 FIELDS = ("productive_s", "recomputed_s", "checkpoint_s", "startup_s", "downtime_s")
 
 
@@ -70,11 +72,10 @@ class Goodput:
             "ettr": round(self.state["productive_s"] / wall, 4),
         }
 
-    def save(self) -> None:
-        """Cheap enough for every step: no fsync; a lost update costs a second of history."""
-        if not self.enabled:
+    def save(self, force: bool = True) -> None:
+        """No fsync; unforced, at most once a second (the loop asks every step), so a lost
+        update costs about a second of history."""
+        if not self.enabled or (not force and time.time() - self.state.get("last_update", 0) < 1.0):
             return
         self.state["last_update"] = time.time()
-        tmp = self.path.with_name(".goodput.json.tmp")
-        tmp.write_text(json.dumps(self.state))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.state), fsync=False)

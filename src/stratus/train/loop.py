@@ -24,9 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 
 from stratus.checkpoint.manager import PendingSave, SaveError
 from stratus.checkpoint.policy import CheckpointPolicy
@@ -42,6 +39,7 @@ from stratus.train.console import StepProgress
 from stratus.train.evaluate import perplexity, validation_loss
 from stratus.train.metrics import MetricsWriter, device_peak_flops, peak_memory_gb
 from stratus.train.setup import Job, build_job
+from stratus.train.step import clip, forward_backward
 
 log = logging.getLogger("stratus.train")
 
@@ -89,6 +87,13 @@ class Trainer:
         self.faults = FaultInjector(configured_faults(rc.faults), env.rank, job.run)
         self.goodput = Goodput(job.run, env.is_main)
         self.watchdog = watchdog
+        save_limit = rc.checkpoint_timeout_s
+
+        def progress() -> None:  # a save or a restore moved on: it may take save_limit more
+            self.faults.slow_save()
+            watchdog.beat(limit_s=save_limit)
+
+        job.ckpt.progress = progress
         self.policy = CheckpointPolicy(cfg.checkpoint, rc.mtbf_hours)
         self.pending: PendingSave | None = None
         self.metrics = MetricsWriter(job.run, env.is_main, cfg.log.tensorboard)
@@ -135,9 +140,11 @@ class Trainer:
                     self.metrics.write(self.step, record)
                 saved = self._checkpoint(final=self.step == end)
                 window_start += saved  # keep checkpoint stalls out of the throughput
-                self.goodput.save()
+                self.goodput.save(force=bool(saved))
                 self.watchdog.beat()
             self._finish_pending()
+            if self.job.sampler.verifier is not None:  # no run succeeds on a damaged shard
+                self.job.sampler.verifier.wait()
         finally:
             progress.close()
             self.goodput.save()
@@ -172,14 +179,17 @@ class Trainer:
         step = self.step + 1
         self.faults.at_step_start(step)
         started = time.perf_counter()
-        loss_local, grad_norm = self._forward_backward(step)
-        loss = denv.all_reduce_mean(env, loss_local).item()
+        loss_local, norm = self._forward_backward(step)
+        # One host sync a step, for both numbers. Both are already global (the mean over
+        # ranks; the norm over every shard), so a NaN on any rank makes them NaN on all:
+        # they agree on skipping without another collective.
+        loss, grad_norm = torch.stack([denv.all_reduce_mean(env, loss_local), norm.float()]).tolist()
         spike = self.faults.due("spike", step)
         if spike is not None:
             loss *= spike.factor
         if self.faults.any_spike:  # a spike injected on one rank is seen by all; no collective otherwise
             loss = max(denv.all_reduce_max(env, loss), loss)
-        finite = denv.all_ranks_true(env, math.isfinite(loss) and math.isfinite(grad_norm))
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
         self.last_loss = loss
         record: dict = {}
         if not finite:
@@ -205,33 +215,20 @@ class Trainer:
         record["skipped_nonfinite"] = self.detector.skipped_nonfinite
         return record if (record.get("skipped") or self._log_due(job.cfg.train.stop_at or tc.steps)) else {}
 
-    def _forward_backward(self, step: int) -> tuple[torch.Tensor, float]:
-        """This rank's mean loss over its micro batches, and the global gradient norm after clipping."""
+    def _forward_backward(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's mean loss over its micro batches, and the global gradient norm (device
+        tensors: reading them is the caller's one host sync)."""
         job, tc = self.job, self.job.cfg.train
-        device = job.env.device
-        loss_sum = torch.zeros((), device=device)
         micro = rank_micro_batches(
             self.samples_seen, job.global_batch, tc.micro_batch, job.dp_rank, job.layout.dp
         )
-        poison = self.faults.due("nan", step)
-        for i, (first, count) in enumerate(micro):
-            x, y = (t.to(device, non_blocking=True) for t in job.sampler.batch(first, count))
-            if isinstance(job.model, FSDPModule):
-                # Every micro batch's gradients are reduce-scattered at once, so a rank only ever
-                # holds its shard of them (deferring that would keep every block's whole fp32
-                # gradient until the last micro batch: 8B x 4 bytes = 32 GB a GPU for llama3-8b). Only
-                # HSDP's all-reduce across replicas, over gradients already sharded, waits.
-                job.model.set_requires_all_reduce(i == len(micro) - 1)
-            with job.loss_context():
-                with job.autocast:
-                    logits = job.model(x)  # (micro_batch, seq, vocab)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                if poison is not None:
-                    loss = loss * float("nan")
-                (loss / job.accum).backward()
-            loss_sum += _local(loss.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), tc.grad_clip or math.inf)
-        return loss_sum / job.accum, _local(grad_norm).item()
+        batches = (
+            tuple(t.to(job.env.device, non_blocking=True) for t in job.sampler.batch(first, count))
+            for first, count in micro
+        )
+        poison = self.faults.due("nan", step) is not None
+        loss = forward_backward(job.model, batches, job.accum, job.autocast, job.loss_context, poison)
+        return loss, clip(job.model, tc.grad_clip)
 
     # --- anomalies -------------------------------------------------------------------------
 
@@ -280,13 +277,19 @@ class Trainer:
         job, env = self.job, self.job.env
         if self.pending is not None and job.ckpt.all_written(self.pending):
             self._finish_pending()
-        due = self.policy.due(self.step)
         if self.policy.time_based:
-            due = denv.broadcast_object(env, due)  # one clock decides for every rank
+            # One clock decides for every rank, asked on logged steps only: a broadcast every
+            # step would stall each one.
+            due = self._log_due(end=self.job.cfg.train.stop_at or self.job.cfg.train.steps) and (
+                denv.broadcast_object(env, self.policy.due(self.step))
+            )
+        else:
+            due = self.policy.due(self.step)
         if not (due or final):
             return 0.0
         started = time.perf_counter()
         self._finish_pending()  # at most one save in flight
+        self.watchdog.beat(limit_s=job.cfg.reliability.checkpoint_timeout_s)
         trainer = {
             "step": self.step,
             "samples_seen": self.samples_seen,
@@ -323,8 +326,10 @@ class Trainer:
             return
         pending, self.pending = self.pending, None
         crash = self.faults.due("crash_during_save", pending.step)
+        hang = self.faults.due("hang_during_save", pending.step)
+        self.watchdog.beat(limit_s=self.job.cfg.reliability.checkpoint_timeout_s)
         try:
-            path = self.job.ckpt.finish(pending, before_commit=_die if crash else None)
+            path = self.job.ckpt.finish(pending, before_commit=_die if crash else _hang if hang else None)
         except SaveError as e:
             self._save_failed(e)
             return
@@ -451,14 +456,15 @@ class Trainer:
         )
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The full value of a DTensor (a replicated loss or norm), or the tensor itself."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def _die(_tmp: Path) -> None:
     """crash_during_save: the shards are written, the manifest is not."""
     os.kill(os.getpid(), 9)
+
+
+def _hang(_tmp: Path) -> None:
+    """hang_during_save: the shards are written and the commit never comes."""
+    while True:
+        time.sleep(3600)
 
 
 def _flip_a_byte(checkpoint: Path) -> None:

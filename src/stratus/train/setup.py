@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,13 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import loss_parallel
 
+from stratus.atomic import copy_atomic, write_atomic
 from stratus.checkpoint.manager import CheckpointManager, check_same_model
 from stratus.checkpoint.manifest import read_manifest as read_ckpt_manifest
-from stratus.config import Config, to_toml
+from stratus.config import Config, TrainConfig, to_toml
 from stratus.data.loader import Sampler, TokenSplit
-from stratus.data.manifest import check_shard, read_manifest, sha256_file
+from stratus.data.manifest import read_manifest, sha256_file
+from stratus.data.verify import ShardVerifier
 from stratus.distributed import env as denv
 from stratus.distributed.layout import Layout
 from stratus.distributed.parallelize import build_mesh, parallelize
@@ -91,28 +93,10 @@ def _prepare_run_dir(cfg: Config, env: denv.DistEnv, data_dir: Path) -> Path:
     # storage (checkpoints are written by all ranks into one DCP directory).
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     if env.is_main:
-        tmp = run / ".config.toml.tmp"
-        tmp.write_text(to_toml(cfg))
-        os.replace(tmp, run / "config.toml")
-        shutil.copyfile(data_dir / "tokenizer.json", run / ".tokenizer.json.tmp")
-        os.replace(run / ".tokenizer.json.tmp", run / "tokenizer.json")
+        write_atomic(run / "config.toml", to_toml(cfg))
+        copy_atomic(data_dir / "tokenizer.json", run / "tokenizer.json")
     denv.barrier(env)
     return run
-
-
-def _verify_shards(data_dir: Path, verify: bool, env: denv.DistEnv) -> None:
-    """Rank 0 hashes every shard once (not every rank: that would be ranks x corpus of reads)
-    and every rank raises the same error if one is damaged."""
-    problem = None
-    if verify and env.is_main:
-        try:
-            for shard in read_manifest(data_dir)["shards"]:
-                check_shard(data_dir, shard, verify_checksum=True)
-        except StratusError as e:
-            problem = str(e)
-    problem = denv.broadcast_object(env, problem)
-    if problem:
-        raise StratusError(problem)
 
 
 def _check_same_tokenizer(run: Path, data_manifest: dict) -> None:
@@ -125,11 +109,8 @@ def _check_same_tokenizer(run: Path, data_manifest: dict) -> None:
         )
 
 
-def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
-    tc = cfg.train
-    data_dir = Path(cfg.data.path)
-    data_manifest = read_manifest(data_dir)
-    cfg = resolve_vocab(cfg, int(data_manifest["tokenizer"]["vocab_size"]))
+def batch_shape(tc: TrainConfig, layout: Layout) -> tuple[int, int]:
+    """The global batch in sequences, and the micro batches each data-parallel rank runs."""
     dp = layout.dp
     global_batch = tc.global_batch or tc.micro_batch * dp
     if global_batch % (tc.micro_batch * dp):
@@ -137,12 +118,78 @@ def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
             f"train.global_batch ({global_batch}) must be a multiple of train.micro_batch x data-parallel "
             f"ranks ({tc.micro_batch} x {dp} = {tc.micro_batch * dp})"
         )
-    _verify_shards(data_dir, cfg.data.verify, env)
-    sampler = Sampler(TokenSplit(data_dir, "train", verify=False), cfg.data.seq_len, tc.seed)  # sizes checked
+    return global_batch, global_batch // (tc.micro_batch * dp)
+
+
+def precision(
+    dtype_name: str, device: torch.device, layout: Layout
+) -> tuple[torch.dtype, contextlib.AbstractContextManager, torch.dtype | None]:
+    """The compute dtype, the autocast context, and the parameter dtype FSDP casts to."""
+    dtype = (
+        torch.bfloat16
+        if (dtype_name == "bfloat16" or (dtype_name == "auto" and device.type == "cuda"))
+        else torch.float32
+    )
+    # FSDP casts parameters to bf16 itself (and reduces in fp32); elsewhere autocast does.
+    fsdp_casts = dtype != torch.float32 and layout.dp > 1
+    autocast = (
+        torch.autocast(device.type, dtype=dtype)
+        if dtype != torch.float32 and not fsdp_casts
+        else contextlib.nullcontext()
+    )
+    return dtype, autocast, torch.bfloat16 if fsdp_casts else None
+
+
+def sharded_model(
+    cfg: Config,
+    layout: Layout,
+    mesh: DeviceMesh | None,
+    device: torch.device,
+    init: str,
+    param_dtype: torch.dtype | None,
+) -> nn.Module:
+    """The model, parallelized over the mesh: on the meta device (shapes only) with init
+    "meta", else initialized in full on the device (the same seed on every rank gives the
+    same weights)."""
+    with torch.device("meta" if init == "meta" else device):
+        model = Transformer(cfg.model)
+    parallelize(model, mesh, layout, cfg.parallel, cfg.train.compile, param_dtype)
+    return model
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int, rank: int, layout: Layout) -> None:
+    """Allocate only this rank's shards of a meta model, then initialize them in place."""
+    model.to_empty(device=device)
+    # Each shard draws its own numbers, and replicas (HSDP) draw the same ones: seed by
+    # the position inside the replica group. (DTensor's own offset-based RNG covers CUDA
+    # only; on other devices every shard would otherwise repeat the same values.)
+    torch.manual_seed(seed + 1 + rank % (layout.dp_shard * layout.tp))
+    model.init_weights()
+
+
+def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
+    tc = cfg.train
+    data_dir = Path(cfg.data.path)
+    data_manifest = read_manifest(data_dir)
+    cfg = resolve_vocab(cfg, int(data_manifest["tokenizer"]["vocab_size"]))
+    global_batch, accum = batch_shape(tc, layout)
+    # Start-up checks every shard's size (a stat each); checksums run in the background.
+    verifier = (
+        ShardVerifier(data_dir, data_manifest["shards"], env.rank, env.world_size)
+        if cfg.data.verify
+        else None
+    )
+    sampler = Sampler(
+        TokenSplit(data_dir, "train", verify=False), cfg.data.seq_len, tc.seed, verifier=verifier
+    )
     val_sampler = None
     if cfg.eval.interval and data_manifest["splits"]["val"]["tokens"] > cfg.data.seq_len:
         val_sampler = Sampler(
-            TokenSplit(data_dir, "val", verify=False), cfg.data.seq_len, tc.seed, shuffle=False
+            TokenSplit(data_dir, "val", verify=False),
+            cfg.data.seq_len,
+            tc.seed,
+            shuffle=False,
+            verifier=verifier,
         )
 
     rich = use_rich(cfg.log.progress)
@@ -171,33 +218,14 @@ def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
         torch.set_num_threads(tc.threads)
 
     device = env.device
-    dtype = (
-        torch.bfloat16
-        if (tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda"))
-        else torch.float32
-    )
-    # FSDP casts parameters to bf16 itself (and reduces in fp32); elsewhere autocast does.
-    fsdp_casts = dtype != torch.float32 and layout.dp > 1
-    autocast = (
-        torch.autocast(device.type, dtype=dtype)
-        if dtype != torch.float32 and not fsdp_casts
-        else contextlib.nullcontext()
-    )
-
+    dtype, autocast, param_dtype = precision(tc.dtype, device, layout)
     init = cfg.parallel.init
     if init == "auto":
         init = "meta" if device.type == "cuda" and env.world_size > 1 else "full"
-    with torch.device("meta" if init == "meta" else device):
-        model = Transformer(cfg.model)  # full: the same seed on every rank gives the same weights
     mesh = build_mesh(layout, device.type) if env.world_size > 1 else None
-    parallelize(model, mesh, layout, cfg.parallel, tc.compile, torch.bfloat16 if fsdp_casts else None)
-    if init == "meta":  # allocate only this rank's shards, then initialize them in place
-        model.to_empty(device=device)
-        # Each shard draws its own numbers, and replicas (HSDP) draw the same ones: seed by
-        # the position inside the replica group. (DTensor's own offset-based RNG covers CUDA
-        # only; on other devices every shard would otherwise repeat the same values.)
-        torch.manual_seed(tc.seed + 1 + env.rank % (layout.dp_shard * layout.tp))
-        model.init_weights()
+    model = sharded_model(cfg, layout, mesh, device, init, param_dtype)
+    if init == "meta":
+        materialize(model, device, tc.seed, env.rank, layout)
     optimizer = build_optimizer(model, tc, device)
     return Job(
         cfg=cfg,
@@ -213,7 +241,7 @@ def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
         ckpt=ckpt,
         resume_from=found[1] if found else None,
         global_batch=global_batch,
-        accum=global_batch // (tc.micro_batch * dp),
+        accum=accum,
         dtype=dtype,
         autocast=autocast,
         loss_context=loss_parallel if cfg.parallel.loss_parallel else contextlib.nullcontext,

@@ -1,0 +1,113 @@
+"""`stratus dryrun`: the real training step at cluster size under a fake process group and
+fake tensors, checked against real ranks and through the CLI on the shipped configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stratus.config import load_config, parse_overrides
+from stratus.plan.catalog import load_catalog
+from stratus.train.dryrun import dry_run
+from tests.conftest import ROOT, run_cli, torchrun_script
+
+# A small model whose memory is mostly its own tensors, in fp32 (gloo's real ranks and the
+# fake ones then use the same dtypes).
+SMALL = [
+    "--model.vocab_size=4096",
+    "--model.n_layers=2",
+    "--model.d_model=128",
+    "--model.n_heads=4",
+    "--data.seq_len=128",
+    "--train.micro_batch=8",
+    "--train.dtype=float32",
+]
+H100 = load_catalog().gpu("h100-sxm")
+
+
+def _real_peak(args: list[str]) -> dict[str, float]:
+    """Rank 0's peak by category in a real 2-rank gloo run of the same steps."""
+    r = torchrun_script(ROOT / "tests" / "dryrun_peer.py", "configs/demo.toml", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("global_batch", [16, 32], ids=["no-accumulation", "accumulation-2"])
+def test_dry_run_peak_matches_real_ranks(global_batch):
+    args = [*SMALL, f"--train.global_batch={global_batch}"]
+    cfg = load_config(ROOT / "configs/demo.toml", parse_overrides(args))
+    report = dry_run(cfg, 2, H100)
+    assert report.accum == global_batch // 16
+    real = _real_peak(args)
+    assert real["activations"] > 0 and real["optimizer"] > 0
+    assert report.peak_gib == pytest.approx(sum(real.values()), rel=0.10), (report.memory_gib, real)
+    # with accumulation the second micro batch starts holding the first one's sharded gradients
+    assert (report.memory_gib["gradients"] > 0) == (global_batch > 16)
+
+
+def test_tensor_parallel_counts_shards_and_both_groups():
+    """Under tp 2 x dp_shard 2 each rank computes half of a dp rank's share, and the
+    collectives name both process groups."""
+    args = ["--model.n_heads=4", "--model.vocab_size=4096", "--train.dtype=float32"]
+    cfg = load_config(ROOT / "configs/demo.toml", parse_overrides(args))
+    flat = dry_run(cfg, 2, H100)
+    tp = dry_run(cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"tp": 2})}), 4, H100)
+    # the same tokens per dp rank (global batch = micro batch x dp), split over two tp ranks
+    assert tp.flops_per_step == pytest.approx(flat.flops_per_step / 2, rel=0.05)
+    assert flat.flops_per_step == pytest.approx(flat.flops_estimate, rel=0.15)
+    assert any(k.startswith("_allgather_base (2 ranks)") for k in tp.collectives)
+    assert any(k == "all_gather_into_tensor (2 ranks)" for k in tp.collectives)  # TP's sequence gathers
+
+
+def test_cli_demo_fits_and_json(tmp_path):
+    r = run_cli("dryrun", "configs/demo.toml", "--world-size", "2", "--json", cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["fits"] and report["verdict"].startswith("fits, ")
+    assert set(report["memory_gib"]) == {"parameters", "gradients", "optimizer", "activations", "temporaries"}
+    assert report["collectives"]["_allgather_base (2 ranks)"]["calls"] > 0
+
+
+def test_cli_does_not_fit_exits_2_naming_knobs(tmp_path):
+    catalog = tmp_path / "tiny.toml"
+    catalog.write_text(
+        '[gpu.tiny]\nname = "Tiny 3GB"\nbf16_tflops = 1.0\nhbm_gb = 3.0\nhbm_gbps = 1.0\n'
+        'gemm_fraction = 0.5\nlink = "nvlink4"\n'
+    )
+    r = run_cli(
+        "dryrun",
+        "configs/demo.toml",
+        "--world-size",
+        "1",
+        "--gpu",
+        "tiny",
+        "--catalog",
+        str(catalog),
+        cwd=ROOT,
+    )
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("stratus: error:")]
+    assert len(errors) == 1 and "does not fit by" in errors[0] and "try " in errors[0], r.stderr
+
+
+def test_cli_bad_layout_is_one_line(tmp_path):
+    r = run_cli("dryrun", "configs/llama3-8b.toml", "--world-size", "12", "--parallel.tp=8", cwd=ROOT)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("stratus: error: parallel.dp_replicate x parallel.tp")
+
+
+@pytest.mark.parametrize(
+    "config, size, fits",
+    [
+        ("configs/llama3-8b.toml", ["--world-size", "64"], True),
+        ("configs/llama3-70b.toml", ["--nodes", "64"], True),
+    ],
+    ids=["llama3-8b-64", "llama3-70b-512"],
+)
+def test_cli_shipped_configs_at_scale(config, size, fits):
+    r = run_cli("dryrun", config, *size, "--json", cwd=ROOT, timeout=1200)
+    assert r.returncode == (0 if fits else 2), r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert report["fits"] == fits
+    assert report["world_size"] == (64 if "8b" in config else 512)
