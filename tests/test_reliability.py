@@ -324,12 +324,7 @@ SHORT_LIMITS = ("--checkpoint.interval=2", "--reliability.hang_timeout_s=3")
 def test_hang_during_save_is_caught_and_the_job_recovers(tiny_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     r = stratus(
-        "train",
-        f"--data.path={tiny_data}",
-        f"--run.dir={run}",
-        *TINY,
-        "--train.steps=6",
-        *SHORT_LIMITS,
+        *train_args(tiny_data, run, "--train.steps=6", *SHORT_LIMITS),
         "--reliability.checkpoint_timeout_s=6",
         "--max-restarts=2",
         faults="hang_during_save@step=4",
@@ -346,12 +341,7 @@ def test_slow_but_progressing_save_is_not_killed(tiny_data: Path, tmp_path: Path
     it never goes 5 s without progress."""
     run = tmp_path / "run"
     r = stratus(
-        "train",
-        f"--data.path={tiny_data}",
-        f"--run.dir={run}",
-        *TINY,
-        "--train.steps=2",
-        *SHORT_LIMITS,
+        *train_args(tiny_data, run, "--train.steps=2", *SHORT_LIMITS),
         "--reliability.checkpoint_timeout_s=5",
         faults="slow_save@factor=2",
     )

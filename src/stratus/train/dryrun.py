@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -190,7 +191,10 @@ def dry_run(cfg: Config, world_size: int, gpu: Gpu, steps: int = 2, label: str =
     dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
     try:
         mesh = build_mesh(layout, "cpu") if world_size > 1 else None
-        params, peak, per_step = measure(cfg, layout, mesh, steps, run_micro, fake=True)
+        with warnings.catch_warnings():
+            # DTensor's RNG is CUDA-only; the fake weights' values do not matter here
+            warnings.filterwarnings("ignore", message="DTensor random operators")
+            params, peak, per_step = measure(cfg, layout, mesh, steps, run_micro, fake=True)
     finally:
         dist.destroy_process_group()
 
@@ -283,13 +287,15 @@ def measure(
         census = Census()
         per_step = []
         with tracker:
-            for _ in range(steps):
+            for step in range(steps):
+                # The first step only has to create the optimizer state: one micro batch does.
+                micro = 1 if step == 0 and steps > 1 else micro_batches
                 batches = _micro_batches(
-                    tc.micro_batch, cfg.data.seq_len, cfg.model.vocab_size, micro_batches, tracker
+                    tc.micro_batch, cfg.data.seq_len, cfg.model.vocab_size, micro, tracker
                 )
                 with census:
                     start = census.snapshot()
-                    forward_backward(model, batches, micro_batches, autocast, contextlib.nullcontext)
+                    forward_backward(model, batches, micro, autocast, contextlib.nullcontext)
                     mid = census.snapshot()
                     clip(model, tc.grad_clip)
                     optimizer.step()

@@ -1,0 +1,28 @@
+"""benchmarks/gpu.py at a tiny shape on the CPU: the benchmark's own code path (workers under
+torchrun, the dry run's prediction beside each row) runs in the suite, so it works the day
+a GPU is at hand."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_gpu_benchmark_smoke(tmp_path):
+    out = tmp_path / "rows.json"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [row["gpus"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and row["predicted_gib"] > 0
+        assert row["mfu"] is None and row["peak_gib"] is None  # no peak FLOP/s or allocator on the CPU
