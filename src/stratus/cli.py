@@ -72,7 +72,8 @@ def cmd_train(args, overrides):
 
         rc = cfg.reliability
         return supervise(args.argv, Path(cfg.run.dir), max_restarts, rc.crash_loop, rc.hang_timeout_s)
-    from stratus.train.loop import RunStopped, train
+    from stratus.errors import RunStopped
+    from stratus.train.loop import train
 
     try:
         s = train(cfg)

@@ -118,6 +118,18 @@ class FaultInjector:
                 return f
         return None
 
+    def poison(self, step: int) -> bool:
+        """nan: this rank's loss of the step becomes NaN."""
+        return self.due("nan", step) is not None
+
+    def reported_loss(self, step: int, loss: float, all_reduce_max) -> float:
+        """spike: the loss the detector sees, multiplied on the rank it targets and then
+        seen by every rank (one extra collective, only in runs that plan a spike)."""
+        spike = self.due("spike", step)
+        if spike is not None:
+            loss *= spike.factor
+        return max(all_reduce_max(loss), loss) if self.any_spike else loss
+
     def at_step_start(self, step: int) -> None:
         """kill and hang act on the process itself."""
         if self.due("kill", step):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
@@ -13,6 +14,8 @@ from torch.distributed.tensor import DTensor
 
 from stratus.data.loader import Sampler
 from stratus.distributed.env import DistEnv
+
+log = logging.getLogger("stratus.train")
 
 
 @torch.no_grad()
@@ -96,3 +99,33 @@ def evaluate_trained(
         "perplexity": perplexity(loss),
         "tokens": tokens,
     }
+
+
+class Validator:
+    """The trainer's validation: due every eval.interval steps and at the last one."""
+
+    def __init__(self, job, watchdog):
+        self.job, self.watchdog = job, watchdog
+        self.val_loss: float | None = None
+
+    def due(self, step: int, end: int) -> bool:
+        interval = self.job.cfg.eval.interval
+        return self.job.val_sampler is not None and (step % interval == 0 or step == end)
+
+    def run(self, step: int) -> dict:
+        job = self.job
+        self.val_loss, n = validation_loss(
+            job.model,
+            job.val_sampler,
+            job.cfg.eval.batches,
+            job.cfg.train.micro_batch,
+            job.env,
+            job.dp_rank,
+            job.layout.dp,
+            job.autocast,
+            job.loss_context,
+        )
+        ppl = perplexity(self.val_loss)
+        log.info(f"step {step} | validation loss {self.val_loss:.4f} | perplexity {ppl:.2f} | {n} tokens")
+        self.watchdog.beat()
+        return {"val_loss": round(self.val_loss, 5), "val_ppl": round(ppl, 3)}

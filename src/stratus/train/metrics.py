@@ -4,11 +4,17 @@ event files, and the device peak that MFU is measured against."""
 from __future__ import annotations
 
 import json
+import logging
 import resource
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from stratus.distributed.env import all_reduce_max
+
+log = logging.getLogger("stratus.train")
 
 # Dense bf16 peak FLOP/s by device name (vendor figures, ../shared/reference).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -29,6 +35,54 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+class Throughput:
+    """The metrics logger's clock: due every log.interval steps and at the last one; measures
+    tokens/s and MFU over the steps since the last logged one, checkpoint stalls excluded."""
+
+    def __init__(self, job, end: int):
+        self.job, self.end = job, end
+        self.reset()
+
+    def reset(self) -> None:
+        """A new window starts now (at the start of training, after each logged step)."""
+        self.start, self.steps = time.perf_counter(), 0
+
+    def due(self, step: int) -> bool:
+        return step % self.job.cfg.log.interval == 0 or step == self.end
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    def exclude(self, seconds: float) -> None:
+        self.start += seconds
+
+    def report(self, step: int, loss: float, samples_seen: int, ettr: float) -> dict[str, Any]:
+        job, tc = self.job, self.job.cfg.train
+        elapsed = time.perf_counter() - self.start
+        tokens_per_s = job.global_batch * job.cfg.data.seq_len * self.steps / elapsed
+        devices = job.env.world_size  # every device computes; tp and pp ranks share one batch
+        peak = device_peak_flops(job.env.device, job.dtype, job.cfg.log.peak_tflops)
+        flops_per_token = job.model.flops_per_token(job.cfg.data.seq_len)
+        values = {
+            "loss": round(loss, 5),
+            "lr": job.scheduler.get_last_lr()[0],
+            "tokens_per_s": round(tokens_per_s, 1),
+            "tokens_per_s_per_device": round(tokens_per_s / devices, 1),
+            "mfu": round(flops_per_token * tokens_per_s / (peak * devices), 4) if peak else None,
+            "memory_gb": round(all_reduce_max(job.env, peak_memory_gb(job.env.device)), 3),
+            "tokens_seen": samples_seen * job.cfg.data.seq_len,
+            "ettr": ettr,
+        }
+        eta = (tc.steps - step) * elapsed / self.steps
+        log.info(
+            f"step {step}/{tc.steps} | loss {loss:.4f} | lr {values['lr']:.2e} | {tokens_per_s:,.0f} tok/s"
+            + (f" | mfu {values['mfu']:.1%}" if peak else "")
+            + f" | {values['memory_gb']:.2f} GB | eta {eta:.0f}s"
+        )
+        self.reset()
+        return values
 
 
 class MetricsWriter:

@@ -1,0 +1,131 @@
+"""The trainer's checkpointer: it decides when a save is due (the policy), holds the save in
+flight (async), commits it, and restores. Save-path faults are injected here, and every
+unit of save progress beats the watchdog at the save's own limit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from stratus.checkpoint.manager import Loaded, PendingSave, SaveError
+from stratus.checkpoint.policy import CheckpointPolicy
+from stratus.distributed import env as denv
+from stratus.errors import RunStopped
+from stratus.reliability.faults import FaultInjector
+from stratus.reliability.goodput import Goodput
+from stratus.reliability.watchdog import Watchdog
+from stratus.train.metrics import MetricsWriter
+from stratus.train.setup import Job
+
+log = logging.getLogger("stratus.train")
+
+
+class Checkpointer:
+    def __init__(
+        self, job: Job, faults: FaultInjector, watchdog: Watchdog, goodput: Goodput, metrics: MetricsWriter
+    ):
+        self.job, self.faults, self.watchdog, self.goodput, self.metrics = (
+            job,
+            faults,
+            watchdog,
+            goodput,
+            metrics,
+        )
+        self.policy = CheckpointPolicy(job.cfg.checkpoint, job.cfg.reliability.mtbf_hours)
+        self.pending: PendingSave | None = None
+        self.limit_s = job.cfg.reliability.checkpoint_timeout_s
+        self.meta = {"config_hash": job.cfg.hash(), "model": job.cfg.model.model_dump()}
+
+        def progress() -> None:  # a save or a restore moved on: it may take limit_s more
+            faults.slow_save()
+            watchdog.beat(limit_s=self.limit_s)
+
+        job.ckpt.progress = progress
+
+    def due(self, step: int, logged: bool) -> bool:
+        if self.policy.time_based:
+            # One clock decides for every rank, asked on logged steps only: a broadcast every
+            # step would stall each one.
+            return logged and denv.broadcast_object(self.job.env, self.policy.due(step))
+        return self.policy.due(step)
+
+    def maybe_save(self, step: int, state: dict, logged: bool, final: bool, loss: float | None) -> float:
+        """Save when due (always at the end of the run). Returns the seconds the loop blocked."""
+        job = self.job
+        if self.pending is not None and job.ckpt.all_written(self.pending):
+            self.finish_pending(loss)
+        if not (self.due(step, logged) or final):
+            return 0.0
+        started = time.perf_counter()
+        self.finish_pending(loss)  # at most one save in flight
+        self.watchdog.beat(limit_s=self.limit_s)
+        asynchronous = job.cfg.checkpoint.async_save and not final
+        try:
+            self.pending = job.ckpt.start(step, job.model, job.optimizer, state, self.meta, asynchronous)
+            if not asynchronous:
+                self.finish_pending(loss)
+        except SaveError as e:
+            self._failed(e, step, loss)
+        blocked = time.perf_counter() - started
+        self.policy.saved(blocked)
+        self.goodput.checkpoint(blocked)
+        log.info(
+            "checkpoint of step %d: the loop blocked %.2fs%s",
+            step,
+            blocked,
+            " (writing in the background)" if self.pending is not None else "",
+        )
+        return blocked
+
+    def finish_pending(self, loss: float | None = None) -> None:
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        crash = self.faults.due("crash_during_save", pending.step)
+        hang = self.faults.due("hang_during_save", pending.step)
+        self.watchdog.beat(limit_s=self.limit_s)
+        try:
+            path = self.job.ckpt.finish(pending, before_commit=_die if crash else _hang if hang else None)
+        except SaveError as e:
+            self._failed(e, pending.step, loss)
+            return
+        log.info("saved checkpoint %s", path)
+        if self.faults.due("corrupt_checkpoint", pending.step):
+            _flip_a_byte(path)
+
+    def newest(self) -> tuple[int, Path] | None:
+        """Collective: the newest verified checkpoint, once nothing is in flight."""
+        self.finish_pending()
+        return self.job.ckpt.find()
+
+    def load(self, path: Path) -> Loaded:
+        return self.job.ckpt.load(path, self.job.model, self.job.optimizer)
+
+    def _failed(self, error: SaveError, step: int, loss: float | None) -> None:
+        self.metrics.write(step, {"loss": loss, "checkpoint_failed": str(error)})
+        if self.job.cfg.checkpoint.on_failure == "stop":
+            raise RunStopped(f"{error}; checkpoint.on_failure is stop") from None
+        log.error("%s; training goes on (checkpoint.on_failure = continue)", error)
+
+
+def _die(_tmp: Path) -> None:
+    """crash_during_save: the shards are written, the manifest is not."""
+    os.kill(os.getpid(), 9)
+
+
+def _hang(_tmp: Path) -> None:
+    """hang_during_save: the shards are written and the commit never comes."""
+    while True:
+        time.sleep(3600)
+
+
+def _flip_a_byte(checkpoint: Path) -> None:
+    """corrupt_checkpoint: damage a complete checkpoint the way bit rot or a bad disk would."""
+    shard = sorted(checkpoint.glob("*.distcp"))[0]
+    with open(shard, "r+b") as f:
+        f.seek(shard.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
