@@ -34,14 +34,14 @@ ONE_B = [
     "--train.dtype=bfloat16",
     "--train.device=cuda",
 ]
-SMOKE = [
+SMOKE = [  # big enough that its predicted peak (tens of MiB) shows in GiB to two decimals
     "--model.n_layers=2",
-    "--model.d_model=64",
+    "--model.d_model=128",
     "--model.n_heads=4",
-    "--model.vocab_size=512",
-    "--model.max_seq_len=64",
-    "--data.seq_len=64",
-    "--train.micro_batch=2",
+    "--model.vocab_size=4096",
+    "--model.max_seq_len=128",
+    "--data.seq_len=128",
+    "--train.micro_batch=8",
     "--train.dtype=float32",
     "--train.device=cpu",
 ]

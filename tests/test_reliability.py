@@ -248,6 +248,22 @@ def test_nan_step_is_skipped_everywhere_and_counted(tiny_data: Path, tmp_path: P
     assert all(m["loss"] == m["loss"] for s, m in rows.items() if s != 3)  # finite again after the skip
 
 
+def test_nan_on_one_rank_is_skipped_on_every_rank(tiny_data: Path, tmp_path: Path):
+    """A NaN on rank 1 alone: rank 0, whose own loss is finite, skips the same update (the
+    mean loss and the global norm carry the NaN to it), and the ranks end in step."""
+    run = tmp_path / "run"
+    r = stratus(
+        *train_args(tiny_data, run, "--train.steps=5", "--parallel.dp_shard=2", "--train.micro_batch=4"),
+        nproc=2,
+        faults="nan@step=3:rank=1",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {m["step"]: m for m in metrics(run)}  # rank 0 writes the metrics
+    assert rows[3]["skipped"] == "nonfinite" and rows[5]["skipped_nonfinite"] == 1
+    assert all(m["loss"] == m["loss"] for s, m in rows.items() if s != 3)
+    assert not (run / "restarts.jsonl").exists() or "hang" not in (run / "restarts.jsonl").read_text()
+
+
 def test_spike_rolls_back_and_skips_data(tiny_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     r = stratus(

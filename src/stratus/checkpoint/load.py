@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from stratus.checkpoint import manifest as mf
+from stratus.checkpoint.hf_format import model_config_from_hf, one_line, stratus_weights
 from stratus.checkpoint.manager import load_model_weights, newest_verified
 from stratus.config import ModelConfig
 from stratus.errors import StratusError
@@ -99,11 +100,6 @@ def _export_kind(p: Path) -> str:
     return kind
 
 
-def one_line(e: ValidationError) -> str:
-    """pydantic's message spans lines; the CLI prints one."""
-    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'model'}: {err['msg']}" for err in e.errors())
-
-
 def _model_config(raw, where: Path) -> ModelConfig:
     try:
         return ModelConfig.model_validate(raw)
@@ -144,17 +140,15 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Traine
             model.to(device).eval(), where / "tokenizer.json", int(info.get("step") or 0), where, None
         )
     if kind == "hf":
-        from stratus.checkpoint import hf_export  # not at the top: hf_export imports this module
-
         info = _read_config(where)
         try:
-            cfg, step = hf_export.model_config_from_hf(info)
+            cfg, step = model_config_from_hf(info)
         except (ValueError, TypeError) as e:  # TypeError: a field of the wrong JSON type
             raise StratusError(
                 f"{where} holds a Llama model that stratus cannot rebuild ({e}): {WHAT_TO_GIVE}"
             ) from None
         model = Transformer(cfg)
-        _fill(model, hf_export.stratus_weights(load_file(where / "model.safetensors"), model.cfg), where)
+        _fill(model, stratus_weights(load_file(where / "model.safetensors"), model.cfg), where)
         return Trained(model.to(device).eval(), where / "tokenizer.json", step, where, None)
     manifest = mf.read_manifest(where)
     model = Transformer(ModelConfig.model_validate(manifest["model"]))

@@ -248,7 +248,8 @@ def dry_run(cfg: Config, world_size: int, gpu: Gpu, steps: int = 2, label: str =
 def _own_fake_mode_for_dtensor() -> Iterator[None]:
     from torch.distributed.tensor import _sharding_prop
 
-    with mock.patch.object(_sharding_prop, "detect_fake_mode", lambda *args: None):
+    # create=True: a torch whose propagator does not look for the active mode needs no patch
+    with mock.patch.object(_sharding_prop, "detect_fake_mode", lambda *args: None, create=True):
         yield
 
 
@@ -266,7 +267,8 @@ def by_category(peak: dict) -> tuple[dict[str, float], dict[str, float]]:
 def measure(
     cfg: Config, layout: Layout, mesh: Any, steps: int, micro_batches: int, fake: bool, rank: int = 0
 ) -> tuple[int, dict, list]:
-    """Run `steps` training steps of `micro_batches` each on this rank, with fake tensors or
+    """Run `steps` training steps of `micro_batches` each (the first of one, when there are
+    more steps: it only has to create the optimizer's state) on this rank, with fake tensors or
     real ones (a real process group then), under torch's memory tracker and the census:
     (parameters, the tracker's peak snapshot, each step's census split into the micro
     batches' part and the clip + optimizer part)."""
