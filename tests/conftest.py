@@ -95,9 +95,14 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def torchrun_script(
-    script: Path, *args: str, nproc: int = 2, torchrun_args: tuple[str, ...] = (), env: dict | None = None
+    script: Path | str,
+    *args: str,
+    nproc: int = 2,
+    torchrun_args: tuple[str, ...] = (),
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    """A Python script on `nproc` real local ranks under torchrun (gloo), one thread each."""
+    """A Python script (or "-m", "module") on `nproc` real local ranks under torchrun (gloo),
+    one thread each, with no restarts unless torchrun_args ask for them."""
     cmd = [
         sys.executable,
         "-m",

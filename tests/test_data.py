@@ -135,6 +135,7 @@ def test_train_refuses_corrupt_shard_through_the_cli(tmp_path: Path, tiny_data: 
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("stratus: error: shard") and "val-00000.bin" in last and "sha256" in last
+    assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))  # nothing saved from damaged data
 
 
 def test_permutation_is_a_bijection():
@@ -180,8 +181,11 @@ def test_default_corpus_is_the_stdlib():
 def test_background_verification_splits_the_shards_over_ranks(tmp_path: Path, tiny_data: Path):
     """Each rank checksums its share (shard i on rank i mod world): a damaged first shard is
     found by rank 0 of 2, and not by rank 1, which never reads it for checking."""
+    import torch
+
     from stratus.data.manifest import read_manifest
     from stratus.data.verify import ShardVerifier
+    from stratus.distributed.env import DistEnv
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
@@ -190,6 +194,8 @@ def test_background_verification_splits_the_shards_over_ranks(tmp_path: Path, ti
     raw = bytearray(first.read_bytes())
     raw[3] ^= 0xFF
     first.write_bytes(bytes(raw))
-    ShardVerifier(data, shards, rank=1, world_size=2).wait()  # not its share: no error
+    # each as rank r of 2 would run it, agreeing only with itself (no process group here)
+    alone = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    ShardVerifier(data, shards, rank=1, world_size=2).agree(alone, wait=True)  # not its share
     with pytest.raises(StratusError, match=f"{shards[0]['file']}.*sha256"):
-        ShardVerifier(data, shards, rank=0, world_size=2).wait()
+        ShardVerifier(data, shards, rank=0, world_size=2).agree(alone, wait=True)

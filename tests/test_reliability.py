@@ -19,7 +19,7 @@ from stratus.checkpoint.manager import list_checkpoints, newest_verified
 from stratus.checkpoint.manifest import verify
 from stratus.errors import StratusError
 from stratus.reliability.faults import Fault, parse_faults
-from tests.conftest import ROOT, TINY_ARGS, metrics
+from tests.conftest import ROOT, TINY_ARGS, metrics, torchrun_script
 
 TINY = [
     *TINY_ARGS,
@@ -261,7 +261,29 @@ def test_nan_on_one_rank_is_skipped_on_every_rank(tiny_data: Path, tmp_path: Pat
     rows = {m["step"]: m for m in metrics(run)}  # rank 0 writes the metrics
     assert rows[3]["skipped"] == "nonfinite" and rows[5]["skipped_nonfinite"] == 1
     assert all(m["loss"] == m["loss"] for s, m in rows.items() if s != 3)
-    assert not (run / "restarts.jsonl").exists() or "hang" not in (run / "restarts.jsonl").read_text()
+    assert json.loads((run / "goodput.json").read_text())["restarts"] == 0  # no rank died and restarted
+
+
+def test_damaged_shard_found_by_one_rank_stops_every_rank(tiny_data: Path, tmp_path: Path):
+    """The second shard is rank 1's to checksum: rank 0 never hashes it, yet it stops with
+    the same error line (the ranks agree), and no checkpoint is taken from the run."""
+    import shutil
+
+    from stratus.data.manifest import read_manifest
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    second = data / read_manifest(data)["shards"][1]["file"]
+    raw = bytearray(second.read_bytes())
+    raw[5] ^= 0xFF
+    second.write_bytes(bytes(raw))
+    run = tmp_path / "run"
+    args = train_args(data, run, "--train.steps=3", "--parallel.dp_shard=2", "--train.micro_batch=4")
+    r = torchrun_script("-m", "stratus", *args)  # no torchrun restarts: one round, one verdict
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if "stratus: error: shard" in line]
+    assert len(errors) == 1 and second.name in errors[0] and "sha256" in errors[0], r.stderr[-3000:]
+    assert list_checkpoints(run / "checkpoints") == []
 
 
 def test_spike_rolls_back_and_skips_data(tiny_data: Path, tmp_path: Path):

@@ -218,8 +218,9 @@ def cmd_dryrun(args, overrides):
         raise StratusError(
             "give the job's size as --world-size W or as --nodes N [--gpus-per-node G], not both"
         )
-    world = args.world_size if args.world_size is not None else (args.nodes or 1) * args.gpus_per_node
-    if world < 1 or args.gpus_per_node < 1:
+    nodes = 1 if args.nodes is None else args.nodes
+    world = args.world_size if args.world_size is not None else nodes * args.gpus_per_node
+    if world < 1 or args.gpus_per_node < 1 or nodes < 1:
         raise StratusError(
             f"the world size must be at least 1 (got {world}): give --world-size W or --nodes N"
         )

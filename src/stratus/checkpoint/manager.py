@@ -253,7 +253,9 @@ class CheckpointManager:
         for step, path in candidates:
             problem = broadcast_object(env, mf.verify(path, checksums=False) if env.is_main else None)
             if problem is None:
-                mine = mf.verify(path, rank=env.rank, world_size=env.world_size, progress=self.progress)
+                mine = mf.verify(  # rank 0 has checked every size: each rank hashes its share
+                    path, rank=env.rank, world_size=env.world_size, progress=self.progress, sizes=False
+                )
                 if mine is not None:
                     log.warning("checkpoint %s fails verification on rank %d: %s", path, env.rank, mine)
                 if all_ranks_true(env, mine is None):

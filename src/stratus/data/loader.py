@@ -12,7 +12,6 @@ ranks) reads exactly the samples it would have read.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -81,11 +80,8 @@ class TokenSplit:
 class Sampler:
     """Maps global sample indices to (input, target) token windows."""
 
-    def __init__(
-        self, split: TokenSplit, seq_len: int, seed: int, shuffle: bool = True, verifier: Any = None
-    ):
+    def __init__(self, split: TokenSplit, seq_len: int, seed: int, shuffle: bool = True):
         self.split, self.seq_len, self.seed, self.shuffle = split, seq_len, seed, shuffle
-        self.verifier = verifier  # a ShardVerifier checking the shards in the background, or None
         self.n_windows = (split.n_tokens - 1) // seq_len
         if self.n_windows < 1:
             raise StratusError(
@@ -105,8 +101,6 @@ class Sampler:
 
     def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples [first, first + count) -> inputs, targets, each (count, seq_len) int64."""
-        if self.verifier is not None:
-            self.verifier.check()
         w = self.windows(np.arange(first, first + count, dtype=np.int64))
         rows = np.stack([self.split.read(int(i) * self.seq_len, self.seq_len + 1) for i in w])
         t = torch.from_numpy(rows)

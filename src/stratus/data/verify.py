@@ -1,8 +1,9 @@
 """Data shards checksummed off the start path: each rank hashes its share of the shards
 (shard i on rank i mod world) in a background thread while training runs, so the corpus is
 read once per job, spread over the ranks, and start-up costs a stat per shard, not a pass
-over terabytes. A damaged shard stops the run with one clear error at the next batch (or,
-at the latest, before the run reports success)."""
+over terabytes. The ranks agree on what was found at each logged step, and before the last
+checkpoint after waiting for every share: a damaged shard stops every rank with the same
+error line."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from stratus.data.manifest import check_shard
+from stratus.distributed.env import DistEnv, all_ranks_true, broadcast_object, gather_object
 from stratus.errors import StratusError
 
 
@@ -29,18 +31,17 @@ class ShardVerifier:
             except StratusError as e:
                 self.problem = str(e)
                 return
-            except OSError as e:
-                self.problem = (
-                    f"shard {self._dir / shard['file']} cannot be read ({e}): prepare the data again"
-                )
+            except Exception as e:  # an unreadable file, a malformed entry: never lost in the thread
+                where = self._dir / str(shard.get("file", "?"))
+                self.problem = f"shard {where} cannot be checked ({e}): prepare the data again"
                 return
 
-    def check(self) -> None:
-        """Raise if this rank's verification has found a damaged shard so far."""
-        if self.problem:
-            raise StratusError(self.problem)
-
-    def wait(self) -> None:
-        """Finish this rank's share, then raise if a shard is damaged."""
-        self._thread.join()
-        self.check()
+    def agree(self, env: DistEnv, wait: bool = False) -> None:
+        """Collective: raise the same StratusError on every rank if any rank's verification
+        has found a damaged shard (so far, or with wait, once every share is done)."""
+        if wait:
+            self._thread.join()
+        if all_ranks_true(env, self.problem is None):
+            return
+        problems = broadcast_object(env, [p for p in gather_object(env, self.problem) or [] if p])
+        raise StratusError(problems[0])

@@ -9,7 +9,7 @@ separated by commas, from `reliability.faults` and the STRATUS_FAULTS variable.
     crash_during_save@step=40    die half-way through writing the checkpoint of step 40
     corrupt_checkpoint@step=60   flip a byte of the checkpoint of step 60 once it is complete
     hang_during_save@step=40     stop for good with the checkpoint of step 40 written, not committed
-    slow_save@factor=3           take factor seconds more for every file of every checkpoint
+    slow_save@factor=3           take factor seconds more at each step of every save and verification
 
 A fault without rank= hits rank 0. Each fires once per run (times=N: up to N times, to
 rehearse a crash loop): before firing, the rank creates RUN/faults/<spec>-<n> exclusively, so

@@ -1,6 +1,7 @@
 """The trainer's checkpointer: it decides when a save is due (the policy), holds the save in
 flight (async), commits it, and restores. Save-path faults are injected here, and every
-unit of save progress beats the watchdog at the save's own limit."""
+unit of progress in a save or a verification (a file checksummed) beats the watchdog at
+the checkpoint limit. (The verification at start-up runs under the start-up limit.)"""
 
 from __future__ import annotations
 
@@ -45,11 +46,11 @@ class Checkpointer:
         job.ckpt.progress = progress
 
     def due(self, step: int, logged: bool) -> bool:
-        if self.policy.time_based:
-            # One clock decides for every rank, asked on logged steps only: a broadcast every
-            # step would stall each one.
+        if self.policy.interval_s() is not None:
+            # A time interval: one clock decides for every rank, asked on logged steps only
+            # (a broadcast every step would stall each one).
             return logged and denv.broadcast_object(self.job.env, self.policy.due(step))
-        return self.policy.due(step)
+        return self.policy.due(step)  # a step rule, the same on every rank
 
     def maybe_save(self, step: int, state: dict, logged: bool, final: bool, loss: float | None) -> float:
         """Save when due (always at the end of the run). Returns the seconds the loop blocked."""
@@ -95,9 +96,9 @@ class Checkpointer:
         if self.faults.due("corrupt_checkpoint", pending.step):
             _flip_a_byte(path)
 
-    def newest(self) -> tuple[int, Path] | None:
+    def newest(self, loss: float | None) -> tuple[int, Path] | None:
         """Collective: the newest verified checkpoint, once nothing is in flight."""
-        self.finish_pending()
+        self.finish_pending(loss)
         return self.job.ckpt.find()
 
     def load(self, path: Path) -> Loaded:

@@ -179,13 +179,15 @@ class Report:
 def dry_run(cfg: Config, world_size: int, gpu: Gpu, steps: int = 2, label: str = "") -> Report:
     started = time.perf_counter()
     layout = resolve_layout(cfg.parallel, world_size, cfg.model)
+    if steps < 1:
+        raise StratusError(f"--steps must be at least 1 (got {steps})")
     cfg, notes = _resolve_vocab(cfg)
+    if cfg.train.compile:
+        notes.append("torch.compile is off in the dry run: blocks run eager")
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": False})})
     tc = cfg.train
     global_batch, accum = batch_shape(tc, layout)
     run_micro = min(accum, MICRO_BATCHES_RUN)
-    if tc.compile:
-        notes.append("torch.compile is off in the dry run: blocks run eager")
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())

@@ -112,6 +112,8 @@ class Trainer:
                 self.goodput.step(self.step, time.perf_counter() - started)
                 self.throughput.step_done()
                 logged = self.throughput.due(self.step)
+                if job.shard_check is not None and (logged or self.step == end):
+                    job.shard_check.agree(job.env, wait=self.step == end)  # before the last save
                 if logged:
                     ettr = self.goodput.summary()["ettr"]
                     record.update(self.throughput.report(self.step, self.last_loss, self.samples_seen, ettr))
@@ -130,8 +132,6 @@ class Trainer:
                 self.goodput.save(force=bool(saved))
                 self.watchdog.beat()
             self.checkpointer.finish_pending(self.last_loss)
-            if job.sampler.verifier is not None:  # no run succeeds on a damaged shard
-                job.sampler.verifier.wait()
         finally:
             progress.close()
             self.goodput.save()
@@ -202,7 +202,7 @@ class Trainer:
                 "train.warmup_steps, then resume"
             )
         skip_to = self.samples_seen + (1 + rc.spike_skip_steps) * job.global_batch
-        found = self.checkpointer.newest()
+        found = self.checkpointer.newest(loss)
         if found is not None:
             self._restore(found[1], with_detector=False)
         self.samples_seen = skip_to

@@ -44,6 +44,7 @@ class Job:
     data_manifest: dict[str, Any]
     sampler: Sampler
     val_sampler: Sampler | None
+    shard_check: ShardVerifier | None  # the data shards' checksums, running in the background
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -179,9 +180,7 @@ def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
         if cfg.data.verify
         else None
     )
-    sampler = Sampler(
-        TokenSplit(data_dir, "train", verify=False), cfg.data.seq_len, tc.seed, verifier=verifier
-    )
+    sampler = Sampler(TokenSplit(data_dir, "train", verify=False), cfg.data.seq_len, tc.seed)
     val_sampler = None
     if cfg.eval.interval and data_manifest["splits"]["val"]["tokens"] > cfg.data.seq_len:
         val_sampler = Sampler(
@@ -189,7 +188,6 @@ def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
             cfg.data.seq_len,
             tc.seed,
             shuffle=False,
-            verifier=verifier,
         )
 
     rich = use_rich(cfg.log.progress)
@@ -235,6 +233,7 @@ def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
         data_manifest=data_manifest,
         sampler=sampler,
         val_sampler=val_sampler,
+        shard_check=verifier,
         model=model,
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, tc),
