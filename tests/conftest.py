@@ -100,6 +100,7 @@ def torchrun_script(
     nproc: int = 2,
     torchrun_args: tuple[str, ...] = (),
     env: dict | None = None,
+    timeout: float = 300,
 ) -> subprocess.CompletedProcess:
     """A Python script (or "-m", "module") on `nproc` real local ranks under torchrun (gloo),
     one thread each, with no restarts unless torchrun_args ask for them."""
@@ -114,7 +115,7 @@ def torchrun_script(
         *args,
     ]
     env = env if env is not None else {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):

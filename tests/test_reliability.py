@@ -37,19 +37,12 @@ def stratus(
     *args: str, faults: str = "", nproc: int = 1, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STRATUS_FAULTS": faults}
-    cmd = [sys.executable, "-m", "stratus", *args]
     if nproc > 1:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "--max-restarts=10",
-            "-m",
-            "stratus",
-            *args,
-        ]
+        restarts = ("--max-restarts=10",)
+        return torchrun_script(
+            "-m", "stratus", *args, nproc=nproc, torchrun_args=restarts, env=env, timeout=timeout
+        )
+    cmd = [sys.executable, "-m", "stratus", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
