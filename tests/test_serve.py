@@ -16,7 +16,7 @@ import pytest
 
 from stratus.inference.engine import wait_idle
 from stratus.inference.request import RequestParams
-from stratus.serve.chat_template import DEFAULT_STOP, find_template
+from stratus.data.chat_template import TRANSCRIPT_STOP as DEFAULT_STOP, find_template
 from tests.serving import ENGINE_DIED, LiveServer, make_export, wait_until
 
 KEY = "sk-test"

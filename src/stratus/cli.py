@@ -48,12 +48,14 @@ def _config(args: argparse.Namespace, overrides: list[str]):
 def cmd_prepare(args, overrides):
     from stratus.data.prepare import prepare
 
+    if args.format != "text":
+        return _prepare_chat(args)
     m = prepare(
         args.sources,
         args.out,
         vocab_size=args.vocab_size,
         tokenizer_file=args.tokenizer,
-        val_fraction=args.val_fraction,
+        val_fraction=0.01 if args.val_fraction is None else args.val_fraction,
         strict=args.strict,
         force=args.force,
     )
@@ -61,6 +63,29 @@ def cmd_prepare(args, overrides):
     print(
         f"prepared {args.out}: train {train['tokens']:,} tokens, val {val['tokens']:,} tokens, "
         f"vocabulary {m['tokenizer']['vocab_size']}, unigram baseline {train['unigram_entropy']} nats/token"
+    )
+
+
+def _prepare_chat(args):
+    from stratus.data.prepare_chat import prepare_chat
+
+    m = prepare_chat(
+        args.sources,
+        args.out,
+        tokenizer_file=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=0.05 if args.val_fraction is None else args.val_fraction,
+        skip_bad=args.skip_bad,
+        preferences=args.format == "preferences",
+        force=args.force,
+    )
+    train, val = m["splits"]["train"], m["splits"]["val"]
+    what = "pairs" if m["kind"] == "preferences" else "conversations"
+    print(
+        f"prepared {args.out}: {m['records']['read']} {what} "
+        f"({m['records']['skipped']} bad lines skipped); train {train['tokens']:,} tokens "
+        f"({train['trained_tokens']:,} trained on), val {val['tokens']:,}; vocabulary "
+        f"{m['tokenizer']['vocab_size']}, end of turn id {m['tokenizer']['end_of_turn_id']}"
     )
 
 
@@ -82,7 +107,9 @@ def cmd_train(args, overrides):
         return 3
     if os.environ.get("RANK", "0") != "0":
         return 0  # one voice: rank 0 speaks for the job
-    if s.loss is not None and s.unigram_baseline:
+    if s.loss is not None and cfg.train.objective == "dpo":
+        print(f"final DPO loss {s.loss:.3f} (ln 2 = 0.693 at the reference)")
+    elif s.loss is not None and s.unigram_baseline:
         print(
             f"final loss {s.loss:.3f} nats/token vs unigram baseline {s.unigram_baseline:.3f}"
             + (f"; validation loss {s.val_loss:.3f}" if s.val_loss is not None else "")
@@ -133,6 +160,21 @@ def cmd_generate(args, overrides):
 def cmd_eval(args, overrides):
     from stratus.train.evaluate import evaluate_trained
 
+    if args.chat:
+        from stratus.train.chat_eval import evaluate_chat
+
+        r = evaluate_chat(args.path, args.data, limit=args.limit)
+        if args.json:
+            print(json.dumps(r))
+            return
+        print(
+            f"step {r['step']} | held-out chat loss {r['val_loss']:.4f} | {r['requests']} held-out requests: "
+            f"{r['parses']:.1%} of answers parse | pass@1 {r['pass_at_1']:.1%} on "
+            f"{r['doctest_functions']} functions with doctests"
+        )
+        if r["example"]:
+            print(f"\nrequest: {r['example']['request']}\nanswer:\n{r['example']['answer']}")
+        return
     r = evaluate_trained(args.path, args.data, args.batches, args.micro_batch)
     if args.json:
         print(json.dumps(r))
@@ -298,7 +340,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
     sp.add_argument(
-        "--val-fraction", type=float, default=0.01, help="share of documents for validation (default 0.01)"
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="share of documents for validation (default 0.01; 0.05 for chat)",
+    )
+    sp.add_argument(
+        "--format",
+        choices=("text", "chat", "preferences"),
+        default="text",
+        help="text: plain files (pretraining); chat: JSONL conversations (messages, or prompt/completion); "
+        "preferences: JSONL prompt/chosen/rejected pairs. With no SOURCES, chat and preferences take "
+        "the standard library's functions",
+    )
+    sp.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="chat: skip malformed JSONL lines (counted in the manifest) instead of stopping at the first",
     )
     sp.add_argument(
         "--strict", action="store_true", help="an unreadable or non-UTF-8 file is an error, not a skip"
@@ -358,6 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", help="prepared data directory (default: the run's data.path)")
     sp.add_argument("--batches", type=int, default=100, help="validation batches at most (default 100)")
     sp.add_argument("--micro-batch", type=int, default=8, help="sequences per batch (default 8)")
+    sp.add_argument(
+        "--chat",
+        action="store_true",
+        help="chat model on the embedded chat default: held-out chat loss, share of answers that "
+        "parse, pass@1 on doctests (data: the run's chat data, or --data)",
+    )
+    sp.add_argument("--limit", type=int, default=0, help="--chat: the first this many requests (0 = all)")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
     sp.set_defaults(func=cmd_eval)
 

@@ -94,6 +94,10 @@ class DataConfig(Section):
         True,
         description="check every shard's sha256 against the manifest, in the background while training (each rank a share); sizes are always checked at start",
     )
+    format: Literal["text", "chat"] = Field(
+        "text",
+        description="text = a plain token stream (pretraining); chat = conversations from `stratus prepare --format chat`, packed whole, trained on the assistant's tokens only",
+    )
 
 
 class TrainConfig(Section):
@@ -130,6 +134,17 @@ class TrainConfig(Section):
     )
     compile: bool = Field(False, description="torch.compile each transformer block")
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
+    objective: Literal["lm", "dpo"] = Field(
+        "lm",
+        description="lm = next-token loss (pretraining, and SFT on chat data); dpo = direct preference optimization on pairs from `stratus prepare --format preferences`, against the starting model (train.init_from) as the frozen reference",
+    )
+    dpo_beta: float = Field(
+        0.1, gt=0, description="DPO's beta: how far the policy may move from the reference (larger = less)"
+    )
+    init_from: str = Field(
+        "",
+        description="start from the weights of this run, checkpoint or export (fine-tuning: the model's shape is taken from it; a fresh optimizer and schedule); ignored when the run resumes from a checkpoint of its own",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

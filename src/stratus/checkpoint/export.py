@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from stratus.atomic import atomic_directory, refuse_existing
 from stratus.checkpoint.load import EXPORT_FORMAT, load_trained
+from stratus.data.chat_template import CONFIG_FILE
 from stratus.errors import StratusError
 
 
@@ -34,4 +35,7 @@ def export(source: str | Path, out: str | Path, force: bool = False) -> Path:
         }
         (tmp / "config.json").write_text(json.dumps(info, indent=2) + "\n")
         shutil.copyfile(trained.tokenizer_path, tmp / "tokenizer.json")
+        template = trained.tokenizer_path.parent / CONFIG_FILE
+        if template.is_file():  # the chat contract travels with the tokenizer
+            shutil.copyfile(template, tmp / CONFIG_FILE)
     return out

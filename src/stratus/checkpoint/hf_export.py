@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from stratus.atomic import atomic_directory, refuse_existing
 from stratus.checkpoint.hf_format import STRATUS_KEY, hf_names, llama_config
 from stratus.checkpoint.load import load_trained
+from stratus.data.chat_template import find_template, write_config
 from stratus.data.tokenizer import EOS, load_tokenizer
 from stratus.errors import StratusError
 
@@ -51,23 +52,18 @@ def export_hf(source: str | Path, out: str | Path, force: bool = False) -> Path:
         config = llama_config(cfg, eos, dtype)
         config[STRATUS_KEY] = {"step": trained.step, "source": str(trained.source), "model": cfg.model_dump()}
         _write_json(tmp / "config.json", config)
+        # The chat contract: the template the model was trained with, and its end of turn,
+        # on which transformers and vLLM stop generating (as they stop on EOS).
+        template = find_template(trained.tokenizer_path.parent)
+        stops = [eos, *(i for i in template.stop_ids(tokenizer) if i != eos)]
         _write_json(
-            tmp / "generation_config.json", {"bos_token_id": eos, "eos_token_id": eos, "do_sample": False}
+            tmp / "generation_config.json",
+            {"bos_token_id": eos, "eos_token_id": stops if len(stops) > 1 else eos, "do_sample": False},
         )
         shutil.copyfile(trained.tokenizer_path, tmp / "tokenizer.json")
-        special = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS}
+        write_config(tmp, template, cfg.max_seq_len)
+        special = {"bos_token": EOS, "eos_token": template.end_of_turn, "unk_token": EOS, "pad_token": EOS}
         _write_json(tmp / "special_tokens_map.json", special)
-        _write_json(
-            tmp / "tokenizer_config.json",
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "model_max_length": cfg.max_seq_len,
-                "add_bos_token": False,  # stratus's tokenizer.json has no post-processor; callers add it
-                "add_eos_token": False,
-                "clean_up_tokenization_spaces": False,
-                **special,
-            },
-        )
     return out
 
 

@@ -155,3 +155,21 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Traine
     load_model_weights(where, model)
     run_dir = where.parent.parent
     return Trained(model.to(device).eval(), run_dir / "tokenizer.json", int(manifest["step"]), where, run_dir)
+
+
+def trained_config(path: str | Path) -> tuple[ModelConfig, Path]:
+    """The model config and tokenizer file of a run, checkpoint or export, without reading
+    its weights (what every rank of a fine-tuning job needs before the model exists)."""
+    kind, where = locate(path)
+    if kind == "export":
+        return _model_config(_read_config(where).get("model"), where), where / "tokenizer.json"
+    if kind == "hf":
+        try:
+            cfg, _ = model_config_from_hf(_read_config(where))
+        except (ValueError, TypeError) as e:
+            raise StratusError(
+                f"{where} holds a Llama model that stratus cannot rebuild ({e}): {WHAT_TO_GIVE}"
+            ) from None
+        return cfg, where / "tokenizer.json"
+    manifest = mf.read_manifest(where)
+    return ModelConfig.model_validate(manifest["model"]), where.parent.parent / "tokenizer.json"

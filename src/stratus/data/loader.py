@@ -50,11 +50,16 @@ def permute(j: np.ndarray, n: int, key: int) -> np.ndarray:
 class TokenSplit:
     """One split (train or val) of prepared data: its shards memory-mapped end to end."""
 
-    def __init__(self, data_dir: str | Path, split: str, verify: bool = True):
+    def __init__(self, data_dir: str | Path, split: str, verify: bool = True, content: str = "tokens"):
         self.dir = Path(data_dir)
         self.manifest = read_manifest(self.dir)
-        shards = [s for s in self.manifest["shards"] if s["split"] == split]
-        dtype = np.dtype(self.manifest["dtype"])
+        # chat data keeps loss masks and a document index beside the tokens
+        shards = [
+            s
+            for s in self.manifest["shards"]
+            if s["split"] == split and s.get("content", "tokens") == content
+        ]
+        dtype = np.dtype(self.manifest["dtype"] if content == "tokens" else np.uint8)
         self.maps: list[np.ndarray] = []
         for shard in shards:
             check_shard(self.dir, shard, verify)
@@ -105,6 +110,10 @@ class Sampler:
         rows = np.stack([self.split.read(int(i) * self.seq_len, self.seq_len + 1) for i in w])
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]
+
+    def targets(self, first: int, count: int) -> int:
+        """Targets trained on in samples [first, first + count): every one, in plain text."""
+        return count * self.seq_len
 
 
 def rank_micro_batches(

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from stratus.atomic import atomic_directory, write_json_atomic
+from stratus.data.chat_template import BASE, write_config
 from stratus.data.manifest import FORMAT, sha256_file
 from stratus.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from stratus.errors import StratusError
@@ -202,6 +203,7 @@ def _build(corpus, tok, vocab_size, val_fraction, shard_tokens, tmp: Path, say) 
         tok = train_tokenizer((docs[i] for i in train_idx), vocab_size, length=len(train_idx))
         say(f"trained a byte-level BPE tokenizer of {tok.get_vocab_size()} tokens in {time.time() - t:.0f}s")
     tok.save(str(tmp / "tokenizer.json"))
+    write_config(tmp, BASE)  # a base model's chat contract: the plain transcript
     vocab = tok.get_vocab_size()
     eos = eos_id(tok)
     dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)

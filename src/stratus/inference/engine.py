@@ -330,7 +330,7 @@ class Engine:
             return  # dropped at the next iteration; nothing more is sent
         token, lp, top = choose(logits[: self.vocab], req)
         detok: Detokenizer = req.detok  # type: ignore[assignment]
-        if token == self.eos and not req.params.ignore_eos:
+        if (token == self.eos or token in req.params.stop_token_ids) and not req.params.ignore_eos:
             self._finish(req, "stop", Event(text=detok.flush(), finish_reason="stop"))
             return
         req.out.append(token)

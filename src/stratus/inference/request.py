@@ -44,6 +44,7 @@ class RequestParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the k likeliest
     ignore_eos: bool = False  # end-of-text does not end the request (benchmarks)
+    stop_token_ids: tuple[int, ...] = ()  # these tokens end the request too (a chat model's end of turn)
 
 
 @dataclass

@@ -27,7 +27,8 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (batch, heads, T, head_dim) by position; cos/sin are (T, head_dim // 2)."""
+    """Rotate x (batch, heads, T, head_dim) by position; cos/sin are (T, head_dim // 2), or
+    (batch, 1, T, head_dim // 2) when each row has positions of its own."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -50,6 +51,7 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         start: int = 0,
+        mask: torch.Tensor | None = None,  # (batch, 1, T, T) bool: which keys each query sees
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (b, heads, t, hd)
@@ -57,7 +59,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        mask, causal = None, True
+        causal = mask is None
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # (b, kv_heads, start + t, hd)
             if start > 0:
@@ -91,8 +93,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, start=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start)
+    def forward(self, x, cos, sin, cache=None, layer=0, start=0, mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -133,15 +135,33 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        doc: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """tokens (batch, T) -> logits (batch, T, vocab). With a cache, the tokens sit at
-        positions start..start+T-1 and their keys/values are appended to it."""
+        positions start..start+T-1 and their keys/values are appended to it. With doc
+        (batch, T), the document each token belongs to in a packed row: a token attends only
+        within its document, and positions restart at each document's first token."""
         t = tokens.shape[1]
-        cos = self.rope_cos[start : start + t]
-        sin = self.rope_sin[start : start + t]
+        mask = None
+        if doc is None:
+            cos = self.rope_cos[start : start + t]
+            sin = self.rope_sin[start : start + t]
+        else:
+            idx = torch.arange(t, device=tokens.device)
+            first = torch.ones_like(doc, dtype=torch.bool)
+            first[:, 1:] = doc[:, 1:] != doc[:, :-1]
+            pos = idx - torch.where(first, idx, 0).cummax(dim=1).values  # (batch, T)
+            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+            same = doc[:, :, None] == doc[:, None, :]
+            mask = (same & (idx[:, None] >= idx[None, :])).unsqueeze(1)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers.values()):
-            h = layer(h, cos, sin, cache, i, start)
+            h = layer(h, cos, sin, cache, i, start, mask)
         return self.output(self.norm(h))
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from tokenizers import Tokenizer
 
+from stratus.data.chat_template import ChatTemplate, find_template
 from stratus.data.tokenizer import eos_id
 from stratus.inference.engine import Engine
 from stratus.inference.request import (
@@ -33,7 +34,6 @@ from stratus.inference.request import (
     RequestParams,
 )
 from stratus.serve import errors, openapi, wire
-from stratus.serve.chat_template import ChatTemplate, find_template
 from stratus.serve.errors import APIError
 from stratus.serve.gate import Gate
 from stratus.serve.metrics import CountRequests, Metrics, Tracker
@@ -111,6 +111,7 @@ def create_app(state: ServerState) -> FastAPI:
                 400, f"the chat template could not render these messages: {e}", "messages"
             ) from None
         params = _params(body, body.max_completion_tokens or body.max_tokens, state.template.stop)
+        params = replace(params, stop_token_ids=state.template.stop_ids(state.tokenizer))
         if body.logprobs:
             params = replace(params, logprobs=body.top_logprobs or 0)
         ids = await run_in_threadpool(_encode_all, state, [text])

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TextIO
 
+from stratus.data.chat_template import ChatTemplate
 from stratus.inference.engine import Engine
 from stratus.inference.request import RequestParams
-from stratus.serve.chat_template import ChatTemplate
 
 HELP = """commands:
   /reset                 forget the conversation (the system message stays)
@@ -38,7 +38,11 @@ SETTINGS = {
 class ChatSession:
     def __init__(self, engine: Engine, template: ChatTemplate, params: RequestParams, system: str = ""):
         self.engine, self.template = engine, template
-        self.params = replace(params, stop=tuple(params.stop) + template.stop)
+        self.params = replace(
+            params,
+            stop=tuple(params.stop) + template.stop,
+            stop_token_ids=template.stop_ids(engine.tokenizer),
+        )
         self.system = system
         self.turns: list[dict[str, str]] = []
 
@@ -50,7 +54,8 @@ class ChatSession:
         """The conversation as tokens, oldest turns dropped until max_tokens more fit."""
         tok, eos = self.engine.tokenizer, self.engine.eos
         while True:
-            ids = [eos, *tok.encode(self.template.render(self.messages()), add_special_tokens=False).ids]
+            ids = tok.encode(self.template.render(self.messages()), add_special_tokens=False).ids
+            ids = ids if ids[:1] == [eos] else [eos, *ids]  # a template may put BOS first itself
             if len(ids) + max_tokens <= self.engine.context or len(self.turns) <= 1:
                 return ids
             self.turns = self.turns[2:] if len(self.turns) > 2 else self.turns[1:]

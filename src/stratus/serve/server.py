@@ -24,13 +24,13 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from stratus.checkpoint.load import load_trained
+from stratus.data.chat_template import find_template
 from stratus.data.tokenizer import load_tokenizer
 from stratus.errors import StratusError
 from stratus.inference.engine import Engine, EngineConfig
 from stratus.reliability import EXIT_ENGINE_FAILED
 from stratus.serve import errors
 from stratus.serve.app import ServerState, create_app
-from stratus.serve.chat_template import find_template
 
 log = logging.getLogger("stratus.serve")
 ENGINE_DIED = EXIT_ENGINE_FAILED  # the engine's loop failed: a fault, which a supervisor restarts

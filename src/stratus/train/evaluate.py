@@ -13,6 +13,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from stratus.data.loader import Sampler
+from stratus.data.packing import IGNORE
 from stratus.distributed.env import DistEnv
 
 log = logging.getLogger("stratus.train")
@@ -42,14 +43,16 @@ def validation_loss(
     for round_ in range(-(-n_batches // dp_size)):
         b = round_ * dp_size + dp_rank
         first = (b if b < n_batches else 0) * micro_batch
-        x, y = (t.to(env.device) for t in sampler.batch(first, min(micro_batch, n - first)))
+        x, y, *doc = (t.to(env.device) for t in sampler.batch(first, min(micro_batch, n - first)))
         with loss_context():
             with autocast or contextlib.nullcontext():
-                logits = model(x)
-            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+                logits = model(x, doc=doc[0]) if doc else model(x)
+            loss_sum = F.cross_entropy(
+                logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=IGNORE
+            )
         if b < n_batches:
             total[0] += (loss_sum.full_tensor() if isinstance(loss_sum, DTensor) else loss_sum).double()
-            total[1] += y.numel()
+            total[1] += (y != IGNORE).sum()
     if env.distributed:
         dist.all_reduce(total)
     model.train(was_training)
@@ -70,8 +73,10 @@ def evaluate_trained(
     from stratus.checkpoint.load import load_trained
     from stratus.config import load_config
     from stratus.data.loader import TokenSplit
+    from stratus.data.packing import ChatSampler
     from stratus.distributed.env import DistEnv, pick_device
     from stratus.errors import StratusError
+    from stratus.train.finetune import with_vocab
 
     device = pick_device("auto")
     trained = load_trained(path, device)
@@ -83,14 +88,22 @@ def evaluate_trained(
         raise StratusError(f"{path} does not say which data it was trained on: give --data DIR")
     seq_len = seq_len or (run_cfg.data.seq_len if run_cfg else trained.model.cfg.max_seq_len)
     split = TokenSplit(Path(data_dir), "val", verify=True)
-    if split.n_tokens <= seq_len:
+    chat = split.manifest.get("kind") == "chat"
+    if split.n_tokens <= (0 if chat else seq_len):
         raise StratusError(
             f"the validation split of {data_dir} has {split.n_tokens} tokens: too few to evaluate"
         )
-    sampler = Sampler(split, seq_len, seed=0, shuffle=False)
+    model = trained.model
+    if chat:
+        # A base model meets the chat tokens here for the first time: it is scored as
+        # fine-tuning would start from it, with their rows at the mean of its own.
+        model = with_vocab(model, split.vocab_size).to(device)
+        sampler = ChatSampler(Path(data_dir), "val", seq_len, seed=0, shuffle=False)
+    else:
+        sampler = Sampler(split, seq_len, seed=0, shuffle=False)
     env = DistEnv(0, 1, 0, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-    loss, tokens = validation_loss(trained.model, sampler, batches, micro_batch, env, autocast=autocast)
+    loss, tokens = validation_loss(model, sampler, batches, micro_batch, env, autocast=autocast)
     return {
         "step": trained.step,
         "checkpoint": str(trained.source),

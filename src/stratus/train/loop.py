@@ -144,11 +144,12 @@ class Trainer:
         step = self.step + 1
         self.faults.at_step_start(step)
         started = time.perf_counter()
-        loss_local, norm = self._forward_backward(step)
-        # One host sync a step, for both numbers. Both are already global (the mean over
-        # ranks; the norm over every shard), so a NaN on any rank makes them NaN on all:
-        # they agree on skipping without another collective.
-        loss, grad_norm = torch.stack([denv.all_reduce_mean(env, loss_local), norm.float()]).tolist()
+        loss_local, stats, norm = self._forward_backward(step)
+        # One host sync a step, for the loss, the objective's statistics and the norm. All
+        # are global (means over ranks; the norm over every shard), so a NaN on any rank
+        # makes them NaN on all: they agree on skipping without another collective.
+        means = denv.all_reduce_mean(env, torch.cat([loss_local.view(1).float(), stats]))
+        loss, *stat_values, grad_norm = torch.cat([means, norm.float().view(1)]).tolist()
         loss = self.faults.reported_loss(step, loss, lambda v: denv.all_reduce_max(env, v))
         self.last_loss = loss
         record: dict = {}
@@ -171,12 +172,13 @@ class Trainer:
         self.step, self.samples_seen = step, self.samples_seen + job.global_batch
         self.stragglers.step_done(time.perf_counter() - started)
         record["grad_norm"] = round(grad_norm, 5) if math.isfinite(grad_norm) else None
+        record.update((k, round(v, 5)) for k, v in zip(job.objective.stat_names, stat_values, strict=True))
         record["skipped_nonfinite"] = self.detector.skipped_nonfinite
         return record if (record.get("skipped") or self.throughput.due(step)) else {}
 
-    def _forward_backward(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's mean loss over its micro batches, and the global gradient norm (device
-        tensors: reading them is the caller's one host sync)."""
+    def _forward_backward(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's share of the step's loss and statistics, and the global gradient norm
+        (device tensors: reading them is the caller's one host sync)."""
         job, tc = self.job, self.job.cfg.train
         micro = rank_micro_batches(
             self.samples_seen, job.global_batch, tc.micro_batch, job.dp_rank, job.layout.dp
@@ -186,8 +188,12 @@ class Trainer:
             for first, count in micro
         )
         poison = self.faults.poison(step)
-        loss = forward_backward(job.model, batches, job.accum, job.autocast, job.loss_context, poison)
-        return loss, clip(job.model, tc.grad_clip)
+        # the step's loss is the mean over all it trains on (tokens, or pairs), on all ranks
+        scale = job.layout.dp / max(1, job.sampler.targets(self.samples_seen, job.global_batch))
+        loss, stats = forward_backward(
+            job.model, batches, job.accum, job.autocast, job.loss_context, poison, scale, job.objective
+        )
+        return loss, stats, clip(job.model, tc.grad_clip)
 
     # --- anomalies and checkpoints -----------------------------------------------------------
 

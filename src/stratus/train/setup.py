@@ -21,8 +21,11 @@ from stratus.atomic import copy_atomic, write_atomic
 from stratus.checkpoint.manager import CheckpointManager, check_same_model
 from stratus.checkpoint.manifest import read_manifest as read_ckpt_manifest
 from stratus.config import Config, TrainConfig, to_toml
+from stratus.data.chat_template import CONFIG_FILE
 from stratus.data.loader import Sampler, TokenSplit
 from stratus.data.manifest import read_manifest, sha256_file
+from stratus.data.packing import ChatSampler, PairSampler
+from stratus.data.tokenizer import load_tokenizer
 from stratus.data.verify import ShardVerifier
 from stratus.distributed import env as denv
 from stratus.distributed.layout import Layout
@@ -30,7 +33,10 @@ from stratus.distributed.parallelize import build_mesh, parallelize
 from stratus.errors import StratusError
 from stratus.model import Transformer
 from stratus.train.console import setup_logging, use_rich
+from stratus.train.dpo import build_objective
+from stratus.train.finetune import load_initial, resolve_init
 from stratus.train.optim import build_optimizer, build_scheduler
+from stratus.train.step import TOKEN_LOSS
 
 log = logging.getLogger("stratus.train")
 
@@ -57,6 +63,7 @@ class Job:
     loss_context: Any
     console: Any
     rich: bool
+    objective: Any = TOKEN_LOSS  # what a micro batch's loss is (step.TokenLoss, dpo.DPOLoss)
 
     @property
     def dp_rank(self) -> int:
@@ -96,8 +103,51 @@ def _prepare_run_dir(cfg: Config, env: denv.DistEnv, data_dir: Path) -> Path:
     if env.is_main:
         write_atomic(run / "config.toml", to_toml(cfg))
         copy_atomic(data_dir / "tokenizer.json", run / "tokenizer.json")
+        if (data_dir / CONFIG_FILE).is_file():  # the chat template travels with the tokenizer
+            copy_atomic(data_dir / CONFIG_FILE, run / CONFIG_FILE)
     denv.barrier(env)
     return run
+
+
+def _check_format(cfg: Config, manifest: dict, data_dir: Path) -> str:
+    """The data's kind (text, chat or preferences), which data.format and train.objective
+    must agree with."""
+    kind = manifest.get("kind", "text")
+    dpo = cfg.train.objective == "dpo"
+    if dpo != (kind == "preferences"):
+        raise StratusError(
+            f"train.objective = dpo trains on preference pairs, and {data_dir} holds "
+            f"{'them' if kind == 'preferences' else kind + ' data'}: "
+            + (
+                "set train.objective = dpo"
+                if kind == "preferences"
+                else "prepare pairs with --format preferences"
+            )
+        )
+    if (kind != "text") != (cfg.data.format == "chat"):
+        hint = "text" if kind == "text" else "chat"
+        raise StratusError(
+            f"{data_dir} holds {'plain text' if kind == 'text' else kind} data but data.format is "
+            f"{cfg.data.format}: set data.format = {hint}"
+        )
+    return kind
+
+
+def _samplers(cfg: Config, data_dir: Path, manifest: dict, kind: str):
+    """The training sampler and, when validation is on and the split is big enough, the
+    validation one (fixed order). DPO reports its reward margin and accuracy instead."""
+    seq, seed = cfg.data.seq_len, cfg.train.seed
+    if kind == "preferences":
+        sampler = PairSampler(data_dir, "train", seq, seed)
+        return sampler, None
+    if kind == "chat":
+        sampler = ChatSampler(data_dir, "train", seq, seed)
+        want_val = cfg.eval.interval and manifest["splits"]["val"]["documents"] > 0
+        return sampler, (ChatSampler(data_dir, "val", seq, seed, shuffle=False) if want_val else None)
+    sampler = Sampler(TokenSplit(data_dir, "train", verify=False), seq, seed)
+    if not (cfg.eval.interval and manifest["splits"]["val"]["tokens"] > seq):
+        return sampler, None
+    return sampler, Sampler(TokenSplit(data_dir, "val", verify=False), seq, seed, shuffle=False)
 
 
 def _check_same_tokenizer(run: Path, data_manifest: dict) -> None:
@@ -172,7 +222,11 @@ def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
     tc = cfg.train
     data_dir = Path(cfg.data.path)
     data_manifest = read_manifest(data_dir)
-    cfg = resolve_vocab(cfg, int(data_manifest["tokenizer"]["vocab_size"]))
+    kind = _check_format(cfg, data_manifest, data_dir)
+    tokenizer_vocab = int(data_manifest["tokenizer"]["vocab_size"])
+    if tc.init_from:
+        cfg = resolve_init(cfg, tokenizer_vocab, load_tokenizer(data_dir / "tokenizer.json"))
+    cfg = resolve_vocab(cfg, tokenizer_vocab)
     global_batch, accum = batch_shape(tc, layout)
     # Start-up checks every shard's size (a stat each); checksums run in the background.
     verifier = (
@@ -180,15 +234,7 @@ def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
         if cfg.data.verify
         else None
     )
-    sampler = Sampler(TokenSplit(data_dir, "train", verify=False), cfg.data.seq_len, tc.seed)
-    val_sampler = None
-    if cfg.eval.interval and data_manifest["splits"]["val"]["tokens"] > cfg.data.seq_len:
-        val_sampler = Sampler(
-            TokenSplit(data_dir, "val", verify=False),
-            cfg.data.seq_len,
-            tc.seed,
-            shuffle=False,
-        )
+    sampler, val_sampler = _samplers(cfg, data_dir, data_manifest, kind)
 
     rich = use_rich(cfg.log.progress)
     setup_logging(None, env.rank, rich)  # the console, until the run directory is ready
@@ -211,6 +257,8 @@ def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
 
     run = _prepare_run_dir(cfg, env, data_dir)
     console = setup_logging(run, env.rank, rich)
+    if kind != "text":
+        log.info("%s data: %s", kind, sampler.describe())
     set_determinism(tc.seed, tc.deterministic)
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -224,8 +272,10 @@ def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
     model = sharded_model(cfg, layout, mesh, device, init, param_dtype)
     if init == "meta":
         materialize(model, device, tc.seed, env.rank, layout)
+    if tc.init_from and not found:
+        load_initial(model, cfg, env)  # a resumed run has weights of its own
     optimizer = build_optimizer(model, tc, device)
-    return Job(
+    job = Job(
         cfg=cfg,
         env=env,
         layout=layout,
@@ -247,3 +297,8 @@ def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
         console=console,
         rich=rich,
     )
+    if tc.objective == "dpo":
+        # the reference is the model as it starts, before any update: computed once, then
+        # read back from the run directory when the run resumes
+        job.objective = build_objective(job, autocast, resuming=found is not None)
+    return job

@@ -15,35 +15,66 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from stratus.data.packing import IGNORE
+
+
+class TokenLoss:
+    """Next-token cross-entropy, summed over the targets trained on (pretraining, SFT)."""
+
+    stat_names: tuple[str, ...] = ()
+
+    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, ...], autocast) -> tuple:
+        x, y, *doc = batch  # packed chat data carries each token's document number
+        with autocast:
+            logits = model(x, doc=doc[0]) if doc else model(x)  # (micro_batch, seq, vocab)
+        flat = logits.float().flatten(0, 1)
+        return F.cross_entropy(flat, y.flatten(), reduction="sum", ignore_index=IGNORE), None
+
+
+TOKEN_LOSS = TokenLoss()
+
 
 def forward_backward(
     model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[tuple[torch.Tensor, ...]],
     accum: int,
     autocast: contextlib.AbstractContextManager,
     loss_context: Callable[[], Any],
     poison: bool = False,
-) -> torch.Tensor:
-    """Accumulate the gradients of `accum` micro batches; returns this rank's mean loss
-    (a tensor on the device: reading it is a host sync, left to the caller)."""
-    loss_sum = None
-    for i, (x, y) in enumerate(batches):
+    scale: float | None = None,
+    objective: Callable = TOKEN_LOSS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate the gradients of `accum` micro batches. The objective turns one into a
+    summed loss (and summed statistics, such as DPO's reward margin); targets IGNORE are not
+    trained on.
+
+    Each micro batch's sums are multiplied by `scale`: data-parallel ranks over what the
+    whole global batch sums over (the targets trained on, or the pairs). FSDP averages
+    gradients over the ranks, so the update is the mean over the step however its work
+    falls across ranks and micro batches (without scale: the mean over this rank's tokens).
+    Returns this rank's share of the loss and of the statistics: their mean over ranks is
+    the step's (device tensors: reading them is a host sync, left to the caller)."""
+    loss_sum, stats_sum = None, None
+    for i, batch in enumerate(batches):
         if isinstance(model, FSDPModule):
             # Every micro batch's gradients are reduce-scattered at once, so a rank only ever
             # holds its shard of them (deferring that would keep every block's whole fp32
             # gradient until the last micro batch: 8B x 4 bytes = 32 GB a GPU for llama3-8b). Only
             # HSDP's all-reduce across replicas, over gradients already sharded, waits.
             model.set_requires_all_reduce(i == accum - 1)
+        factor = scale if scale is not None else 1.0 / (batch[1].numel() * accum)
         with loss_context():
-            with autocast:
-                logits = model(x)  # (micro_batch, seq, vocab)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss, stats = objective(model, batch, autocast)
+            loss = loss * factor
             if poison:
                 loss = loss * float("nan")
-            (loss / accum).backward()
+            loss.backward()
         loss = local(loss.detach())
         loss_sum = loss if loss_sum is None else loss_sum + loss
-    return loss_sum / accum
+        if stats is not None:
+            stats = local(stats.detach()).float() * factor
+            stats_sum = stats if stats_sum is None else stats_sum + stats
+    return loss_sum, (stats_sum if stats_sum is not None else loss_sum.new_zeros(0))
 
 
 def clip(model: nn.Module, max_norm: float) -> torch.Tensor:
