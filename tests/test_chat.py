@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from stratus.data.chat_template import find_template
 from stratus.data.tokenizer import load_tokenizer
 from stratus.inference.engine import Engine, EngineConfig
 from stratus.inference.request import RequestParams
-from stratus.data.chat_template import find_template
 from stratus.serve.repl import ChatSession, run_repl
 from tests.conftest import ROOT
 from tests.serving import make_export, tiny_model

@@ -14,9 +14,10 @@ import httpx
 import openai
 import pytest
 
+from stratus.data.chat_template import TRANSCRIPT_STOP as DEFAULT_STOP
+from stratus.data.chat_template import find_template
 from stratus.inference.engine import wait_idle
 from stratus.inference.request import RequestParams
-from stratus.data.chat_template import TRANSCRIPT_STOP as DEFAULT_STOP, find_template
 from tests.serving import ENGINE_DIED, LiveServer, make_export, wait_until
 
 KEY = "sk-test"
