@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c co
 DEMO_DATA := data/stdlib
 DEMO_RUN  := runs/demo
 
-.PHONY: demo test install install-dev lint bench clean
+.PHONY: demo chat test install install-dev lint bench clean
 
 demo: $(VENV)/.installed
 	@test -f $(DEMO_DATA)/manifest.json || $(BIN)/stratus prepare --out $(DEMO_DATA) --vocab-size 4096
@@ -22,6 +22,23 @@ demo: $(VENV)/.installed
 	@echo "  $(BIN)/stratus train configs/demo.toml --train.steps=1200                # resume and train longer"
 	@echo "  $(BIN)/tensorboard --logdir $(DEMO_RUN)/events                          # loss curves"
 	@echo "  $(BIN)/stratus export $(DEMO_RUN) --out exports/demo                     # safetensors for inference"
+
+# After `make demo`: the base model fine-tuned into a chat model (SFT, then DPO) on the
+# standard library's functions, measured, then asked for a function it never saw.
+CHAT_ASK := Write a Python function `count_vowels(text)` that: Return the number of vowels in text.
+chat: $(VENV)/.installed
+	@test -f $(DEMO_RUN)/config.toml || $(MAKE) demo
+	@test -f data/stdlib-chat/manifest.json || $(BIN)/stratus prepare --format chat --tokenizer $(DEMO_RUN)/tokenizer.json --out data/stdlib-chat
+	$(BIN)/stratus train configs/chat-sft.toml
+	@test -f data/stdlib-pairs/manifest.json || $(BIN)/stratus prepare --format preferences --tokenizer $(DEMO_RUN)/tokenizer.json --out data/stdlib-pairs
+	$(BIN)/stratus train configs/chat-dpo.toml
+	$(BIN)/stratus eval runs/chat-dpo --chat --data data/stdlib-chat
+	@echo
+	printf '%s\n/quit\n' '$(CHAT_ASK)' | $(BIN)/stratus chat runs/chat-dpo --temperature 0 --max-tokens 200
+	@echo
+	@echo "Talk to it:   $(BIN)/stratus chat runs/chat-dpo"
+	@echo "Serve it:     $(BIN)/stratus serve runs/chat-dpo   (OpenAI API on :8000)"
+	@echo "Export it:    $(BIN)/stratus export runs/chat-dpo --format hf --out exports/chat   (transformers, with its template)"
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q

@@ -214,11 +214,14 @@ def test_sft_lowers_held_out_chat_loss_below_the_base_model(base_run: Path, chat
     assert "vocab_size = 384" in cfg and "d_model = 32" in cfg
 
 
-def test_sft_on_two_fsdp_ranks_matches_one_process(base_run: Path, chat_data: Path, sft_run: Path, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    r = stratus(*sft_args(chat_data, one, base_run))
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = stratus(*sft_args(chat_data, two, base_run, "--parallel.dp_shard=2"), nproc=2)
+@pytest.mark.parametrize("layout", ["--parallel.dp_shard=2", "--parallel.tp=2"])
+def test_sft_on_two_ranks_matches_one_process(layout, base_run: Path, chat_data: Path, tmp_path_factory):
+    one = tmp_path_factory.getbasetemp() / "sft-one-process"
+    if not (one / "metrics.jsonl").is_file():  # the same one-process run for both layouts
+        r = stratus(*sft_args(chat_data, one, base_run))
+        assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path_factory.mktemp("sft-two")
+    r = stratus(*sft_args(chat_data, two, base_run, layout), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = curve(one), curve(two)
     assert sorted(a) == sorted(b) == list(range(1, 9))
@@ -269,7 +272,9 @@ def test_dpo_raises_the_chosen_minus_rejected_margin(sft_run: Path, tmp_path: Pa
         "--train.micro_batch=4",
         "--checkpoint.interval=12",
     ]
-    r = stratus(*args, "--train.stop_at=12")
+    # the first half on 2 FSDP ranks (the reference is scored by the sharded model), the
+    # second in one process, resharded from the checkpoint
+    r = stratus(*args, "--train.stop_at=12", "--parallel.dp_shard=2", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     reference = (run / "reference_logps.npy").read_bytes()
     r = stratus(*args)  # resumes: the reference is read back, not recomputed from moved weights
@@ -311,6 +316,17 @@ def test_export_carries_the_template_and_serving_stops_on_the_end_of_turn(sft_ru
     assert theirs.apply_chat_template(TWO_TURNS, tokenize=False) == CHAT.render(TWO_TURNS, False)
     generation = json.loads((out / "generation_config.json").read_text())
     assert eot in generation["eos_token_id"]
+    # transformers' own generate, on the export's template, ends the turn on the same token
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    prompt = theirs.apply_chat_template(
+        [{"role": "user", "content": "next gamma"}], add_generation_prompt=True, return_tensors="pt"
+    )
+    prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+    with torch.no_grad():
+        generated = hf.generate(prompt, max_new_tokens=20, do_sample=False)[0, prompt.shape[1] :]
+    assert generated[-1].item() == eot and len(generated) < 20
 
     server = LiveServer(out)
     try:

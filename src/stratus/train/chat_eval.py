@@ -2,7 +2,8 @@
 default, measured, not judged by eye.
 
 - held-out chat loss: the next-token loss on the held-out conversations' assistant tokens;
-- parses: the share of answers to held-out requests that `ast.parse` accepts;
+- parses: the share of answers to held-out requests that `ast.parse` accepts and that
+  define the function asked for;
 - pass@1: of the held-out functions whose docstrings carry doctests, the share whose greedy
   answer passes them. Each answer runs in a fresh interpreter with a time limit, inside
   its own module's namespace (stdlib functions call their module's helpers), in place of
@@ -28,10 +29,12 @@ from stratus.data.chat_template import find_template
 from stratus.data.prepare_chat import in_validation
 
 TIME_LIMIT_S = 10.0
+CONTEXT = 512  # every model is scored at this context (a base model pretrained on less too)
 HARNESS = r"""
 import doctest, importlib, json, sys
 job = json.load(sys.stdin)
 ns = dict(vars(importlib.import_module(job["module"])))
+ns.pop(job["name"], None)  # the answer must define it: the original is gone
 exec(compile(job["answer"], "<answer>", "exec"), ns)
 if not callable(ns.get(job["name"])):
     sys.exit(1)
@@ -50,14 +53,16 @@ def code_of(answer: str) -> str:
     return answer
 
 
-def parses(code: str) -> bool:
+def parses(code: str, name: str | None = None) -> bool:
+    """Whether code parses and (given a name) defines that function at its top level: an
+    answer of comments or of some other function parses too, but answers nothing."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ast.parse(code)
+            tree = ast.parse(code)
     except (SyntaxError, ValueError):
         return False
-    return True
+    return name is None or any(isinstance(n, ast.FunctionDef) and n.name == name for n in tree.body)
 
 
 def passes(fn: Function, code: str) -> bool:
@@ -91,17 +96,19 @@ def evaluate_chat(path: str, data: str | None = None, max_tokens: int = 320, lim
     from stratus.inference.engine import Engine, EngineConfig
     from stratus.inference.request import RequestParams
     from stratus.train.evaluate import evaluate_trained
+    from stratus.train.finetune import resized
 
-    loss = evaluate_trained(path, data)
+    loss = evaluate_trained(path, data, seq_len=CONTEXT)
     manifest = read_manifest(loss["data"])
     trained = load_trained(path)
     tokenizer = load_tokenizer(trained.tokenizer_path)
+    model = resized(trained.model, tokenizer.get_vocab_size(), CONTEXT)
     template = find_template(Path(path), trained.source, trained.run_dir)
     tests = held_out(float(manifest.get("val_fraction", 0.05)))
     if limit:
         tests = tests[:limit]
-    context = trained.model.cfg.max_seq_len
-    engine = Engine(trained.model, tokenizer, EngineConfig(max_batch=8, max_queue=len(tests) + 8)).start()
+    context = CONTEXT
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=8, max_queue=len(tests) + 8)).start()
     params = RequestParams(temperature=0.0, stop=template.stop, stop_token_ids=template.stop_ids(tokenizer))
 
     def answer(fn: Function) -> str:
@@ -124,7 +131,7 @@ def evaluate_chat(path: str, data: str | None = None, max_tokens: int = 320, lim
     return {
         **loss,
         "requests": len(tests),
-        "parses": sum(map(parses, codes)) / max(1, len(codes)),
+        "parses": sum(parses(c, f.name) for f, c in zip(tests, codes, strict=True)) / max(1, len(codes)),
         "doctest_functions": len(runnable),
         "pass_at_1": passed / max(1, len(runnable)),
         "example": {"request": tests[0].request(), "answer": answers[0]} if tests else None,

@@ -76,7 +76,7 @@ def evaluate_trained(
     from stratus.data.packing import ChatSampler
     from stratus.distributed.env import DistEnv, pick_device
     from stratus.errors import StratusError
-    from stratus.train.finetune import with_vocab
+    from stratus.train.finetune import resized
 
     device = pick_device("auto")
     trained = load_trained(path, device)
@@ -96,8 +96,9 @@ def evaluate_trained(
     model = trained.model
     if chat:
         # A base model meets the chat tokens here for the first time: it is scored as
-        # fine-tuning would start from it, with their rows at the mean of its own.
-        model = with_vocab(model, split.vocab_size).to(device)
+        # fine-tuning would start from it, with their rows at the mean of its own (and a
+        # RoPE table as long as the context it is scored at).
+        model = resized(model, split.vocab_size, seq_len)
         sampler = ChatSampler(Path(data_dir), "val", seq_len, seed=0, shuffle=False)
     else:
         sampler = Sampler(split, seq_len, seed=0, shuffle=False)

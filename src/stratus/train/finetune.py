@@ -67,14 +67,17 @@ def grown(weights: dict[str, torch.Tensor], vocab: int) -> dict[str, torch.Tenso
     return out
 
 
-def with_vocab(model: Transformer, vocab: int) -> Transformer:
-    """model itself if it holds vocab tokens, else a copy with grown embedding and output."""
-    if model.cfg.vocab_size >= vocab:
+def resized(model: Transformer, vocab: int, max_seq_len: int = 0) -> Transformer:
+    """model itself if it holds vocab tokens and max_seq_len positions, else a copy with
+    grown embedding and output rows (as fine-tuning starts) and a longer RoPE table."""
+    cfg = model.cfg
+    vocab = max(cfg.vocab_size, -(-vocab // 64) * 64)
+    max_seq_len = max(cfg.max_seq_len, max_seq_len)
+    if (vocab, max_seq_len) == (cfg.vocab_size, cfg.max_seq_len):
         return model
-    vocab = -(-vocab // 64) * 64
-    bigger = Transformer(model.cfg.model_copy(update={"vocab_size": vocab}))
+    bigger = Transformer(cfg.model_copy(update={"vocab_size": vocab, "max_seq_len": max_seq_len}))
     bigger.load_state_dict(grown(model.state_dict(), vocab))
-    return bigger.eval()
+    return bigger.to(next(model.parameters()).device).eval()
 
 
 def load_initial(model: nn.Module, cfg: Config, env: DistEnv) -> None:

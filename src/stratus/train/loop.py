@@ -276,7 +276,7 @@ class Trainer:
         job, tc = self.job, self.job.cfg.train
         log.info(
             "model %.2fM parameters (%.2fM without embeddings) | %d ranks (%s) | %d data-parallel x %d "
-            "micro batch x %d accumulation = %d sequences of %d tokens per step | device %s %s "
+            "micro batch x %d accumulation = %d %s of %d tokens per step | device %s %s "
             "| unigram baseline %s nats",
             job.model.num_params() / 1e6,
             job.model.num_params(False) / 1e6,
@@ -286,6 +286,7 @@ class Trainer:
             tc.micro_batch,
             job.accum,
             job.global_batch,
+            "preference pairs (2 sequences each)" if tc.objective == "dpo" else "sequences",
             job.cfg.data.seq_len,
             job.env.device,
             str(job.dtype).removeprefix("torch."),
