@@ -34,7 +34,7 @@ chat: $(VENV)/.installed
 	$(BIN)/stratus train configs/chat-dpo.toml
 	$(BIN)/stratus eval runs/chat-dpo --chat --data data/stdlib-chat
 	@echo
-	printf '%s\n/quit\n' '$(CHAT_ASK)' | $(BIN)/stratus chat runs/chat-dpo --temperature 0 --max-tokens 200
+	printf '%s\n/quit\n' '$(CHAT_ASK)' | $(BIN)/stratus chat runs/chat-dpo --temperature 0.5 --top-k 20 --seed 0 --max-tokens 160
 	@echo
 	@echo "Talk to it:   $(BIN)/stratus chat runs/chat-dpo"
 	@echo "Serve it:     $(BIN)/stratus serve runs/chat-dpo   (OpenAI API on :8000)"

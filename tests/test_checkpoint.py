@@ -162,7 +162,13 @@ def test_retention_keeps_newest_and_every_nth(tiny_config):
 def test_export_loads_with_identical_logits(tiny_config, tmp_path: Path):
     s = train(tiny_config(train__steps=2, model__tie_embeddings=True))
     out = export(s.run_dir, tmp_path / "exported")
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "tokenizer.json"}
+    # the chat template (here a base model's transcript) travels with the tokenizer
+    assert {p.name for p in out.iterdir()} == {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     a, b = load_trained(s.run_dir).model, load_trained(out).model
     x = torch.randint(0, 320, (2, 16))
     with torch.no_grad():

@@ -126,6 +126,8 @@ def create_app(state: ServerState) -> FastAPI:
         _check_length(state, sum(len(p) for p in prompts if isinstance(p, str)), "prompt")
         ids = await run_in_threadpool(_encode_all, state, prompts)
         params = _params(body, body.max_tokens if body.max_tokens is not None else 16, ())
+        # the model's end of turn ends a completion too, as its generation_config says
+        params = replace(params, stop_token_ids=state.template.stop_ids(state.tokenizer))
         if body.logprobs is not None:
             params = replace(params, logprobs=body.logprobs)
         echo = (
