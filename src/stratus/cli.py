@@ -169,8 +169,8 @@ def cmd_eval(args, overrides):
             return
         print(
             f"step {r['step']} | held-out chat loss {r['val_loss']:.4f} | {r['requests']} held-out requests: "
-            f"{r['parses']:.1%} of answers parse | pass@1 {r['pass_at_1']:.1%} on "
-            f"{r['doctest_functions']} functions with doctests"
+            f"{r['parses']:.1%} of answers parse and define the function asked | "
+            f"pass@1 {r['pass_at_1']:.1%} on {r['doctest_functions']} functions with doctests"
         )
         if r["example"]:
             print(f"\nrequest: {r['example']['request']}\nanswer:\n{r['example']['answer']}")
