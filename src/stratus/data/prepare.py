@@ -148,6 +148,16 @@ def unigram_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def check_output(out: Path, val_fraction: float, force: bool) -> None:
+    """Refuse, before any work, a bad split share or an --out that holds something else."""
+    if not 0 <= val_fraction < 1:
+        raise StratusError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    if (out / "manifest.json").exists() and not force:
+        raise StratusError(f"{out} already holds prepared data: use --force to replace it, or another --out")
+    if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
+        raise StratusError(f"{out} exists and is not prepared data: give an empty or new --out directory")
+
+
 def prepare(
     sources: list[str],
     out: str | Path,
@@ -161,12 +171,7 @@ def prepare(
 ) -> dict:
     """Prepare a corpus; returns the manifest. Raises StratusError on bad input."""
     out = Path(out)
-    if not 0 <= val_fraction < 1:
-        raise StratusError(f"--val-fraction {val_fraction} must be in [0, 1)")
-    if (out / "manifest.json").exists() and not force:
-        raise StratusError(f"{out} already holds prepared data: use --force to replace it, or another --out")
-    if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
-        raise StratusError(f"{out} exists and is not prepared data: give an empty or new --out directory")
+    check_output(out, val_fraction, force)
     tok = load_tokenizer(tokenizer_file) if tokenizer_file else None  # fail fast, before reading
 
     t0 = time.time()

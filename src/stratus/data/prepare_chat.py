@@ -22,7 +22,7 @@ from stratus.atomic import atomic_directory, write_json_atomic
 from stratus.data.chat_records import ChatRecords, Preference, read_records
 from stratus.data.chat_template import CHAT, add_chat_tokens, write_config
 from stratus.data.manifest import FORMAT, sha256_file
-from stratus.data.prepare import ShardWriter, collect_sources, unigram_entropy
+from stratus.data.prepare import ShardWriter, check_output, collect_sources, unigram_entropy
 from stratus.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from stratus.errors import StratusError
 
@@ -41,12 +41,7 @@ def prepare_chat(
     say: Callable[[str], None] = print,
 ) -> dict:
     out = Path(out)
-    if not 0 <= val_fraction < 1:
-        raise StratusError(f"--val-fraction {val_fraction} must be in [0, 1)")
-    if (out / "manifest.json").exists() and not force:
-        raise StratusError(f"{out} already holds prepared data: use --force to replace it, or another --out")
-    if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
-        raise StratusError(f"{out} exists and is not prepared data: give an empty or new --out directory")
+    check_output(out, val_fraction, force)
     tok = load_tokenizer(tokenizer_file) if tokenizer_file else None
     t0 = time.time()
     kind = "preferences" if preferences else "conversations"
