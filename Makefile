@@ -15,11 +15,14 @@ demo: $(VENV)/.installed
 	$(BIN)/stratus train configs/demo.toml
 	$(BIN)/stratus generate $(DEMO_RUN) --prompt 'def ' --max-new-tokens 160 --temperature 0.8 --top-k 40 --seed 0
 	@echo
+	$(BIN)/stratus report $(DEMO_RUN)
+	@echo
 	@echo "The run lives in $(DEMO_RUN)/ (config.toml, metrics.jsonl, events/, checkpoints/, train.log)."
 	@echo "Next, try:"
 	@echo "  $(BIN)/stratus generate $(DEMO_RUN) --prompt 'class ' --temperature 0.7   # more samples"
 	@echo "  $(BIN)/stratus eval $(DEMO_RUN)                                          # validation loss, perplexity"
 	@echo "  $(BIN)/stratus train configs/demo.toml --train.steps=1200                # resume and train longer"
+	@echo "  open $(DEMO_RUN)/report.html                                             # the run at a glance (offline)"
 	@echo "  $(BIN)/tensorboard --logdir $(DEMO_RUN)/events                          # loss curves"
 	@echo "  $(BIN)/stratus export $(DEMO_RUN) --out exports/demo                     # safetensors for inference"
 
@@ -33,6 +36,7 @@ chat: $(VENV)/.installed
 	@test -f data/stdlib-pairs/manifest.json || $(BIN)/stratus prepare --format preferences --tokenizer $(DEMO_RUN)/tokenizer.json --out data/stdlib-pairs
 	$(BIN)/stratus train configs/chat-dpo.toml
 	$(BIN)/stratus eval runs/chat-dpo --chat --data data/stdlib-chat
+	$(BIN)/stratus report runs/chat-sft runs/chat-dpo --out runs/chat-dpo/report.html
 	@echo
 	printf '%s\n/quit\n' '$(CHAT_ASK)' | $(BIN)/stratus chat runs/chat-dpo --temperature 0.5 --top-k 20 --seed 0 --max-tokens 160
 	@echo

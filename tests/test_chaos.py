@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from stratus.reliability.chaos import SAVE_FAULTS, plan_faults
+from tests.browser import chromium  # noqa: F401  (a fixture)
 from tests.conftest import run_cli
 
 CONFIG = """
@@ -41,7 +42,7 @@ def test_fault_plan_is_seeded_and_save_faults_hit_checkpoints():
     assert all(s % 4 == 0 for k, s in plan if k in SAVE_FAULTS)
 
 
-def test_chaos_campaign_loses_nothing(tiny_data: Path, tmp_path: Path):
+def test_chaos_campaign_loses_nothing(tiny_data: Path, tmp_path: Path, chromium):  # noqa: F811
     config = tmp_path / "chaos.toml"
     config.write_text(CONFIG.format(data=tiny_data))
     r = run_cli(
@@ -55,6 +56,8 @@ def test_chaos_campaign_loses_nothing(tiny_data: Path, tmp_path: Path):
         str(tmp_path / "c"),
         "--hang-timeout",
         "4",
+        "--report",
+        str(tmp_path / "chaos.html"),
         "--json",
         timeout=600,
     )
@@ -64,3 +67,16 @@ def test_chaos_campaign_loses_nothing(tiny_data: Path, tmp_path: Path):
     assert sum(v["injected"] for v in report["by_kind"].values()) == 10
     assert all(v["recovered"] == v["injected"] for v in report["by_kind"].values())
     assert report["restarts"] >= 1 and report["recover_s"]["max"] is not None
+
+    # the campaign's report: every fault that fired is a row with its recovery, on the
+    # timeline of the chaos run, beside the fault-free run's curves
+    assert report["report"]["html"] == str(tmp_path / "chaos.html") and (tmp_path / "chaos.png").is_file()
+    dom = chromium.dom(tmp_path / "chaos.html")
+    assert "<h2>Faults and recovery</h2>" in dom and "<h2>Timeline</h2>" in dom
+    table = dom[dom.index('id="fault-table"') :]
+    table = table[: table.index("</table>")]
+    fired = list((tmp_path / "c" / "chaos" / "faults").iterdir())
+    assert table.count("<tr>") == 1 + len(fired)  # a header and a row per fault that fired
+    ends_process = sum(1 for f in fired if f.name.split("-")[0] in ("kill", "hang", "crash_during_save"))
+    assert table.count("killed by") + table.count("hang (watchdog)") == ends_process > 0
+    assert "<td>chaos</td>" in dom and "<td>fault-free</td>" in dom

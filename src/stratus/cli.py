@@ -9,10 +9,12 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from stratus.errors import StratusError
 from stratus.plan.cli import add_parser as add_plan_parser
+from stratus.report.cli import add_parser as add_report_parser
 from stratus.serve.cli import add_parsers as add_serve_parsers
 
 EPILOG = "Docs: README.md. Every verb has --help."
@@ -164,6 +166,7 @@ def cmd_eval(args, overrides):
         from stratus.train.chat_eval import evaluate_chat
 
         r = evaluate_chat(args.path, args.data, limit=args.limit)
+        _record_chat_eval(Path(args.path), r, args.limit)
         if args.json:
             print(json.dumps(r))
             return
@@ -183,6 +186,16 @@ def cmd_eval(args, overrides):
             f"step {r['step']} | validation loss {r['val_loss']:.4f} | perplexity {r['perplexity']:.2f} "
             f"| {r['tokens']:,} tokens of {r['data']}"
         )
+
+
+def _record_chat_eval(path: Path, r: dict, limit: int) -> None:
+    """A run directory keeps its chat evaluations (RUN/chat_eval.jsonl), for `stratus report`."""
+    if not (path / "config.toml").is_file():
+        return  # a checkpoint or an export: no run to record in
+    keys = ("step", "val_loss", "requests", "parses", "doctest_functions", "pass_at_1")
+    line = {"time": round(time.time(), 3), **{k: r[k] for k in keys}, "limit": limit}
+    with open(path / "chat_eval.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def cmd_export(args, overrides):
@@ -229,7 +242,14 @@ def cmd_chaos(args, overrides):
 
     _config(argparse.Namespace(config=args.config), overrides)  # a bad config fails here, not in a child
     out = Path(args.out or f"runs/chaos-seed{args.seed}")
+    if args.report and Path(args.report).suffix.lower() not in (".html", ".htm"):
+        raise StratusError(f"--report {args.report}: the report is HTML; give a file name ending in .html")
     r = run_chaos(args.config, overrides, args.faults, args.seed, out, args.hang_timeout)
+    if args.report:
+        from stratus.report.chaos import write_chaos_report
+
+        html, png = write_chaos_report(r, Path(args.report))
+        r["report"] = {"html": str(html), "png": str(png)}
     if args.json:
         print(json.dumps(r))
     else:
@@ -248,6 +268,8 @@ def cmd_chaos(args, overrides):
             f"time to recover: median {r['recover_s']['median']}s, max {r['recover_s']['max']}s"
         )
         print(f"runs: {r['runs']['reference']} (reference), {r['runs']['chaos']} (chaos)")
+        if args.report:
+            print(f"report: {r['report']['html']} | main panel: {r['report']['png']}")
     return 0 if r["bitwise_equal"] else 1
 
 
@@ -471,6 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--hang-timeout", type=float, default=10.0, help="watchdog timeout in the runs, s (default 10)"
     )
+    sp.add_argument(
+        "--report",
+        metavar="FILE.html",
+        help="also write the campaign's report: each fault and its recovery on the timeline, the chaos "
+        "run's loss against the fault-free one (and FILE.png)",
+    )
     sp.add_argument("--json", action="store_true", help="print one JSON object")
     sp.set_defaults(func=cmd_chaos, overrides=True)
 
@@ -510,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_export)
     add_serve_parsers(verbs)
     add_plan_parser(verbs)
+    add_report_parser(verbs)
     return p
 
 

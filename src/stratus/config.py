@@ -294,6 +294,16 @@ class LogConfig(Section):
     peak_tflops: float | None = Field(
         None, gt=0, description="device peak TFLOP/s for MFU; none = from the known-device table"
     )
+    prometheus_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="serve Prometheus metrics on this port from rank 0 (http://HOST:PORT/metrics); none = off",
+    )
+    trackers: list[Literal["wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="experiment trackers that get the same metrics and config; offline (wandb) or a local file store (mlflow) unless their own environment variables say otherwise",
+    )
 
 
 class RunConfig(Section):
@@ -437,6 +447,8 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return json.dumps(str(v))  # a JSON string is a valid TOML basic string
 
 

@@ -72,6 +72,9 @@ class Checkpointer:
         blocked = time.perf_counter() - started
         self.policy.saved(blocked)
         self.goodput.checkpoint(blocked)
+        self.metrics.event(
+            "checkpoint", step, blocked_s=round(blocked, 3), background=self.pending is not None
+        )
         log.info(
             "checkpoint of step %d: the loop blocked %.2fs%s",
             step,
@@ -93,6 +96,7 @@ class Checkpointer:
             self._failed(e, pending.step, loss)
             return
         log.info("saved checkpoint %s", path)
+        self.metrics.event("checkpoint_saved", pending.step)
         if self.faults.due("corrupt_checkpoint", pending.step):
             _flip_a_byte(path)
 
@@ -106,6 +110,7 @@ class Checkpointer:
 
     def _failed(self, error: SaveError, step: int, loss: float | None) -> None:
         self.metrics.write(step, {"loss": loss, "checkpoint_failed": str(error)})
+        self.metrics.event("checkpoint_failed", step, error=str(error))
         if self.job.cfg.checkpoint.on_failure == "stop":
             raise RunStopped(f"{error}; checkpoint.on_failure is stop") from None
         log.error("%s; training goes on (checkpoint.on_failure = continue)", error)

@@ -35,9 +35,10 @@ from stratus.reliability.watchdog import Watchdog
 from stratus.train.checkpointing import Checkpointer
 from stratus.train.console import StepProgress
 from stratus.train.evaluate import Validator
-from stratus.train.metrics import MetricsWriter, Throughput
+from stratus.train.metrics import MetricsWriter, Throughput, device_name
 from stratus.train.setup import Job, build_job
 from stratus.train.step import clip, forward_backward
+from stratus.train.trackers import check_trackers
 
 log = logging.getLogger("stratus.train")
 
@@ -56,6 +57,7 @@ class Summary:
 def train(cfg: Config) -> Summary:
     # Checked on every rank before any collective: a bad layout fails fast everywhere.
     layout = resolve_layout(cfg.parallel, int(os.environ.get("WORLD_SIZE", 1)), cfg.model)
+    check_trackers(cfg.log.trackers)
     # Watch from the start: a rank can also hang while joining the group (gloo and NCCL
     # set-up can wait on a peer that died), loading or restoring.
     rank = int(os.environ.get("RANK", 0))
@@ -84,7 +86,7 @@ class Trainer:
         self.faults = FaultInjector(configured_faults(rc.faults), env.rank, job.run)
         self.goodput = Goodput(job.run, env.is_main)
         self.watchdog = watchdog
-        self.metrics = MetricsWriter(job.run, env.is_main, cfg.log.tensorboard)
+        self.metrics = MetricsWriter(job.run, env.is_main, cfg.log)
         self.throughput = Throughput(job, self.end)
         self.checkpointer = Checkpointer(job, self.faults, watchdog, self.goodput, self.metrics)
         self.validator = Validator(job, watchdog)
@@ -104,6 +106,7 @@ class Trainer:
         progress = StepProgress(job.console, job.rich and job.env.is_main, self.step, job.cfg.train.steps)
         self.watchdog.beat()
         self.goodput.training_started()
+        self._event_start()
         self.throughput.reset()
         try:
             while self.step < end:
@@ -132,6 +135,7 @@ class Trainer:
                 self.goodput.save(force=bool(saved))
                 self.watchdog.beat()
             self.checkpointer.finish_pending(self.last_loss)
+            self.metrics.event("end", self.step, goodput=self.goodput.summary())
         finally:
             progress.close()
             self.goodput.save()
@@ -156,6 +160,7 @@ class Trainer:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.detector.skipped_nonfinite += 1
             record["skipped"] = "nonfinite"
+            self.metrics.event("skipped_nonfinite", step)
             log.warning(
                 "step %d: non-finite loss or gradient norm on some rank; update skipped on every "
                 "rank (%d so far)",
@@ -212,6 +217,7 @@ class Trainer:
         if found is not None:
             self._restore(found[1], with_detector=False)
         self.samples_seen = skip_to
+        self.metrics.event("rollback", step, loss=round(loss, 5), to_step=self.step)
         log.warning(
             "step %d: loss spike (%.4f); rolled back to step %d, data skipped to sample %d",
             step,
@@ -271,6 +277,25 @@ class Trainer:
         unigram = self.job.data_manifest["splits"]["train"].get("unigram_entropy")
         val = self.validator.val_loss
         return Summary(self.job.run, self.step, self.last_loss, val, unigram, self.resumed_from, g)
+
+    def _event_start(self) -> None:
+        """timeline.jsonl: this process's start, and what it runs on (the report's header)."""
+        job = self.job
+        self.metrics.event(
+            "start",
+            self.step,
+            process_start=round(self.goodput.started, 3),
+            restarts=self.goodput.state["restarts"],
+            world_size=job.env.world_size,
+            layout=job.layout.describe(),
+            device=device_name(job.env.device),
+            dtype=str(job.dtype).removeprefix("torch."),
+            params=job.model.num_params(),
+            global_batch=job.global_batch,
+            seq_len=job.cfg.data.seq_len,
+            objective=job.cfg.train.objective,
+            unigram_baseline=job.data_manifest["splits"]["train"].get("unigram_entropy"),
+        )
 
     def _log_start(self) -> None:
         job, tc = self.job, self.job.cfg.train

@@ -1,10 +1,14 @@
-"""Where training numbers go: metrics.jsonl (one JSON object per logged step), TensorBoard
-event files, and the device peak that MFU is measured against."""
+"""Where training numbers go: metrics.jsonl (one JSON object per logged step, with its wall
+time), timeline.jsonl (what happened when: starts, checkpoints, the end), TensorBoard event
+files, the Prometheus endpoint and experiment trackers; and the device peak that MFU is
+measured against."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
 import resource
 import time
 from pathlib import Path
@@ -29,6 +33,21 @@ def device_peak_flops(
         return None  # unknown: MFU is left out rather than guessed
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+def device_name(device: torch.device) -> str:
+    """What the run's report calls the hardware: the GPU's name, or the CPU's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"CPU ({model}, {os.cpu_count()} cores)"
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -86,30 +105,68 @@ class Throughput:
 
 
 class MetricsWriter:
-    """Rank 0 writes; other ranks hold a writer that does nothing."""
+    """Rank 0 writes; other ranks hold a writer that does nothing. Besides the two JSONL
+    files, every sink (TensorBoard, Prometheus, trackers) gets the same numbers."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    def __init__(self, run_dir: Path, enabled: bool, log_cfg):
         self.enabled = enabled
+        self._sinks: list = []
+        if not enabled:
+            self._jsonl = self._timeline = None
+            return
         # held open for the run (appending one line per logged step); closed by close()
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None  # noqa: SIM115
-        self._tb = None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._timeline = open(run_dir / "timeline.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if log_cfg.tensorboard:
+            self._sinks.append(TensorBoardSink(run_dir / "events"))
+        if log_cfg.prometheus_port is not None:
+            from stratus.train.prometheus import PrometheusSink
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "events"))
+            self._sinks.append(PrometheusSink(log_cfg.prometheus_port))
+        if log_cfg.trackers:
+            from stratus.train.trackers import open_trackers
+
+            self._sinks.extend(open_trackers(log_cfg.trackers, run_dir))
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
         self._jsonl.flush()
-        if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, step)
+        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for sink in self._sinks:
+            sink.write(step, numbers)
+
+    def event(self, kind: str, step: int, **fields: Any) -> None:
+        """A line of timeline.jsonl: something that happened at a wall time (report's markers)."""
+        if not self.enabled:
+            return
+        record = {"event": kind, "step": step, "time": round(time.time(), 3), **fields}
+        self._timeline.write(json.dumps(record) + "\n")
+        self._timeline.flush()
+        for sink in self._sinks:
+            sink.event(kind, step, record)
 
     def close(self) -> None:
-        if self._jsonl:
-            self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
+        for f in (self._jsonl, self._timeline):
+            if f:
+                f.close()
+        for sink in self._sinks:
+            sink.close()
+
+
+class TensorBoardSink:
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(log_dir=str(log_dir))
+
+    def write(self, step: int, numbers: dict[str, float]) -> None:
+        for key, value in numbers.items():
+            self._tb.add_scalar(key, value, step)
+
+    def event(self, kind: str, step: int, record: dict) -> None:
+        pass  # TensorBoard has no place for events; the report draws them
+
+    def close(self) -> None:
+        self._tb.close()
