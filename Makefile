@@ -22,7 +22,7 @@ demo: $(VENV)/.installed
 	@echo "  $(BIN)/stratus generate $(DEMO_RUN) --prompt 'class ' --temperature 0.7   # more samples"
 	@echo "  $(BIN)/stratus eval $(DEMO_RUN)                                          # validation loss, perplexity"
 	@echo "  $(BIN)/stratus train configs/demo.toml --train.steps=1200                # resume and train longer"
-	@echo "  open $(DEMO_RUN)/report.html                                             # the run at a glance (offline)"
+	@echo "  open $(DEMO_RUN)/report.html                                                # the run at a glance (offline)"
 	@echo "  $(BIN)/tensorboard --logdir $(DEMO_RUN)/events                          # loss curves"
 	@echo "  $(BIN)/stratus export $(DEMO_RUN) --out exports/demo                     # safetensors for inference"
 

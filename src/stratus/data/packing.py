@@ -48,9 +48,25 @@ class ChatDocuments:
         s, n = int(self.start[d]), int(self.length[d])
         return self.tokens.read(s, n), self.masks.read(s, n).astype(bool)
 
-    def trained(self) -> np.ndarray:
-        """Trained-on tokens of each document."""
-        return np.array([self.read(d)[1].sum() for d in range(len(self))], dtype=np.int64)
+    def trained(self, chunk_tokens: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+        """Trained-on tokens of each document (as cut), and whether its first token is
+        trained on. One sequential pass over the masks, a chunk of documents at a time, so
+        start-up costs a read of the masks, not a Python step per document."""
+        counts = np.zeros(len(self), dtype=np.int64)
+        first = np.zeros(len(self), dtype=np.int64)
+        d = 0
+        while d < len(self):
+            base = int(self.start[d])
+            # the documents that start within this chunk (at least one)
+            e = max(d + 1, int(np.searchsorted(self.start, base + chunk_tokens, side="left")))
+            ends = self.start[d:e] - base + self.length[d:e]
+            mask = self.masks.read(base, int(ends.max())).astype(np.int64)
+            cum = np.concatenate([[0], np.cumsum(mask)])
+            begins = self.start[d:e] - base
+            counts[d:e] = cum[ends] - cum[begins]
+            first[d:e] = mask[begins]
+            d = e
+        return counts, first
 
 
 class ChatSampler(Sampler):
@@ -64,8 +80,8 @@ class ChatSampler(Sampler):
             raise StratusError(f"the {split} split of {data_dir} holds no conversation")
         self.padding = 1 - self.docs.length.sum() / (self.n_windows * (seq_len + 1))
         # a row's first token is never a target
-        first_trained = np.array([self.docs.read(int(f))[1][0] for f in self.row_first], dtype=np.int64)
-        self._row_targets = np.add.reduceat(self.docs.trained(), self.row_first) - first_trained
+        trained, first_trained = self.docs.trained()
+        self._row_targets = np.add.reduceat(trained, self.row_first) - first_trained[self.row_first]
 
     def describe(self) -> str:
         return (

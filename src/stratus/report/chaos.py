@@ -68,10 +68,10 @@ def write_chaos_report(result: dict, out: Path) -> tuple[Path, Path]:
         + "</section>"
     )
     html_path, png, _ = write_report(
-        [chaos, reference],
+        [reference, chaos],  # the fault-free curve drawn wide, the chaos run's over it
         out,
         title=f"stratus chaos: {len(result['faults'])} faults",
-        labels=["chaos", "fault-free"],
+        labels=["fault-free", "chaos"],
         extra_html=extra,
     )
     return html_path, png

@@ -60,25 +60,42 @@ def loss_figure(runs: list[Run], against: str = "step", width: float = 9) -> Fig
     """Training and validation loss against step (or tokens), the unigram baseline dashed
     grey: a model below it has learned more than token frequencies."""
     fig, ax = plt.subplots(figsize=(width, 4))
+    baselines: set[float] = set()
+    skip_labelled = False
     for i, run in enumerate(runs):
+        lw = 3.0 if i == 0 and len(runs) > 1 else 1.5  # a later run drawn over the first stays visible
         x_key = "step" if against == "step" else "tokens_seen"
         rows = [r for r in run.trajectory() if _finite(r.get("loss")) and x_key in r]
         ax.plot(
-            [r[x_key] for r in rows], [r["loss"] for r in rows], color=_colour(i), label=f"{run.label} loss"
+            [r[x_key] for r in rows],
+            [r["loss"] for r in rows],
+            color=_colour(i),
+            lw=lw,
+            label=f"{run.label} loss",
         )
         val_rows = [r for r in run.trajectory() if isinstance(r.get("val_loss"), (int, float)) and x_key in r]
         steps, val = [r[x_key] for r in val_rows], [r["val_loss"] for r in val_rows]
         if val:
-            ax.plot(steps, val, color=_colour(i), ls="--", marker="o", ms=3, label=f"{run.label} validation")
+            ax.plot(
+                steps,
+                val,
+                color=_colour(i),
+                ls="--",
+                lw=lw,
+                marker="o",
+                ms=3,
+                label=f"{run.label} validation",
+            )
         if against == "step":
-            for n, e in enumerate(run.events("skipped_nonfinite")):
+            for e in run.events("skipped_nonfinite"):
                 ax.axvline(
                     e["step"],
                     color="#ef6c00",
                     ls="-.",
                     lw=1,
-                    label=None if n else f"{run.label} skipped (non-finite)",
+                    label=None if skip_labelled else "skipped (non-finite)",
                 )
+                skip_labelled = True
             spikes = [r for r in run.metrics if r.get("spike")]
             if spikes:
                 ax.scatter(
@@ -90,8 +107,9 @@ def loss_figure(runs: list[Run], against: str = "step", width: float = 9) -> Fig
                     label=f"{run.label} spike (rolled back)",
                 )
         baseline = run.start.get("unigram_baseline")
-        if baseline:
-            ax.axhline(baseline, color="grey", ls=":", lw=1, label=f"{run.label} unigram baseline")
+        if baseline and baseline not in baselines:
+            baselines.add(baseline)
+            ax.axhline(baseline, color="grey", ls=":", lw=1, label="unigram baseline")
     ax.set_xlabel("step" if against == "step" else "tokens seen")
     ax.set_ylabel("loss (nats)")
     ax.set_title("Loss against " + ("step" if against == "step" else "tokens"))
@@ -161,7 +179,7 @@ def timeline_figure(runs: list[Run], timelines: list[Timeline | None]) -> Figure
             ax.plot([m.time, m.time], [y - 0.45, y + 0.45], color=colour, ls=style, lw=1.2)
             kinds_seen.add(m.kind)
     ax.set_yticks(range(len(rows)), [_row_label(r) for r, _ in rows])
-    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_ylim(len(rows) - 0.4, -0.6)  # the first run on top
     ax.set_xlabel("wall time since the run first started (s)")
     ax.set_title("Timeline: where the wall time went")
     handles = [Patch(color=SEGMENT_COLOURS[c], label=c) for c in CATEGORIES]
@@ -172,7 +190,7 @@ def timeline_figure(runs: list[Run], timelines: list[Timeline | None]) -> Figure
     ]
     ax.grid(axis="x", alpha=0.3)
     fig.legend(handles=handles, loc="lower center", ncol=min(7, len(handles)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1))
+    fig.tight_layout(rect=(0, 0.4 / fig.get_figheight(), 1, 1))
     return fig
 
 

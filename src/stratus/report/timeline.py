@@ -41,7 +41,6 @@ def build_timeline(run: Run) -> Timeline | None:
         [(r["time"], r["step"]) for r in run.metrics if "time" in r]
         + [(e["time"], e["step"]) for e in run.timeline if "time" in e],
     )
-    failures = sorted(r["time"] for r in run.restarts if "time" in r)
     segments: list[Segment] = []
     high_water = 0
     for i, start in enumerate(starts):
@@ -50,8 +49,9 @@ def build_timeline(run: Run) -> Timeline | None:
             float(starts[i + 1].get("process_start", starts[i + 1]["time"])) if i + 1 < len(starts) else None
         )
         mine = [(t, s) for t, s in points if t >= start["time"] and (next_born is None or t < next_born)]
-        died = [f for f in failures if f >= start["time"] and (next_born is None or f < next_born)]
-        end = max([start["time"], *(t for t, _ in mine), *died[:1]])
+        # a life trains until its last recorded point; from there to the next start it is
+        # down (hung until the watchdog fired, dead, or restarting), as goodput counts it
+        end = max([start["time"], *(t for t, _ in mine)])
         segments.append(Segment(born - origin, start["time"] - origin, "start-up"))
         # steps up to the high water of earlier lives are done again: recomputed
         caught_up = start["time"]
