@@ -299,6 +299,14 @@ def test_dpo_raises_the_chosen_minus_rejected_margin(sft_run: Path, tmp_path: Pa
     margin = 0.1 * ((logps[:, 0] - ref[:, 0]) - (logps[:, 1] - ref[:, 1]))
     assert margin.mean() > 0.1 and (margin > 0).double().mean() > 0.75
 
+    # the run's report shows the preference metrics it wrote, the restart-free resume included
+    from stratus.report.page import write_report
+
+    page, _, (read,) = write_report([run], tmp_path / "report.html")
+    text = page.read_text()
+    assert "<h2>Chat metrics</h2>" in text and "reward margin" in text and "preference accuracy" in text
+    assert len(read.events("start")) == 2 and read.series("reward_margin")[0] == list(range(1, 25))
+
 
 # --- one contract from training to serving ---------------------------------------------------------
 
