@@ -264,10 +264,19 @@ class ReliabilityConfig(Section):
     )
     max_spikes: int = Field(3, ge=1, description="stop the run after this many spikes")
     straggler_interval: int = Field(
-        50, ge=0, description="compare ranks' step times every this many steps; 0 = never"
+        50,
+        ge=0,
+        description="compare ranks' own compute per step on the first logged step this many steps after the last comparison; 0 = never",
     )
     straggler_threshold: float = Field(
-        0.10, gt=0, description="a rank this much slower than the median is reported (0.10 = 10%)"
+        0.10,
+        gt=0,
+        description="a rank whose compute per step is this much above the median is reported (0.10 = 10%)",
+    )
+    straggler_zscore: float = Field(
+        3.0,
+        gt=0,
+        description="with 4 or more ranks, it must also stand this many robust standard deviations (MAD) above its peers",
     )
     mtbf_hours: float = Field(
         24.0, gt=0, description="mean time between failures of the whole job, for checkpoint.every = auto"

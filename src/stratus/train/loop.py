@@ -123,8 +123,8 @@ class Trainer:
                     progress.update(self.step, f"loss {self.last_loss:.3f}")
                 if self.validator.due(self.step, end):
                     record.update(self.validator.run(self.step))
-                if self.stragglers.due(self.step):
-                    record.update(self.stragglers.run(self.samples_seen))
+                if self.stragglers.due(self.step, logged):
+                    record.update(self.stragglers.run(self.step))
                 if record:
                     record.setdefault("loss", round(self.last_loss, 5))
                     self.metrics.write(self.step, record)
@@ -195,9 +195,10 @@ class Trainer:
         poison = self.faults.poison(step)
         # the step's loss is the mean over all it trains on (tokens, or pairs), on all ranks
         scale = job.layout.dp / max(1, job.sampler.targets(self.samples_seen, job.global_batch))
-        loss, stats = forward_backward(
-            job.model, batches, job.accum, job.autocast, job.loss_context, poison, scale, job.objective
-        )
+        with self.stragglers.timing():  # this rank's own compute, for the straggler check
+            loss, stats = forward_backward(
+                job.model, batches, job.accum, job.autocast, job.loss_context, poison, scale, job.objective
+            )
         return loss, stats, clip(job.model, tc.grad_clip)
 
     # --- anomalies and checkpoints -----------------------------------------------------------
