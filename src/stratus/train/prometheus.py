@@ -28,6 +28,8 @@ FROM_METRICS = {
 def registry_for_training() -> tuple[CollectorRegistry, dict[str, Gauge]]:
     r = CollectorRegistry()
     gauges = {key: Gauge(name, doc, registry=r) for key, (name, doc) in FROM_METRICS.items()}
+    for g in gauges.values():
+        g.set(float("nan"))  # unknown until a logged step says (MFU stays so on an unknown device)
     gauges["step"] = Gauge("stratus_train_step", "optimizer steps done", registry=r)
     gauges["restarts"] = Gauge("stratus_train_restarts", "restarts of the run so far", registry=r)
     gauges["skipped"] = Gauge(
