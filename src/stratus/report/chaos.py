@@ -7,7 +7,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from stratus.report.page import _fmt, _table, write_report
+from stratus.report.page import fmt, table, write_report
 from stratus.report.run import read_run
 
 ENDS_THE_PROCESS = {"kill", "hang", "crash_during_save", "hang_during_save"}
@@ -44,23 +44,23 @@ def write_chaos_report(result: dict, out: Path) -> tuple[Path, Path]:
     rows = [
         [
             html.escape(r["fault"]),
-            _fmt(r["fired_s"], ".1f"),
-            _fmt(r.get("failure")),
-            _fmt(r.get("resume_step")),
-            _fmt(r.get("recover_s"), ".2f"),
+            fmt(r["fired_s"], ".1f"),
+            fmt(r.get("failure")),
+            fmt(r.get("resume_step")),
+            fmt(r.get("recover_s"), ".2f"),
         ]
         for r in recoveries(chaos)
     ]
     summary = (
         f"<p>{len(result['faults'])} faults planned; steps at which data was lost: {result['steps_lost']}; "
         f"final parameters bitwise equal to the fault-free run: <b>{result['bitwise_equal']}</b>; "
-        f"ETTR {_fmt(result['ettr'], '.1%')} over {result['restarts']} restarts; chaos run "
+        f"ETTR {fmt(result['ettr'], '.1%')} over {result['restarts']} restarts; chaos run "
         f"{result['chaos_s']:.0f}s against {result['reference_s']:.0f}s fault-free.</p>"
     )
     extra = (
         "<section class=panel id=faults><h2>Faults and recovery</h2>"
         + summary
-        + _table(
+        + table(
             ["fault", "fired at (s)", "failure", "resumed from step", "back to training after (s)"],
             rows,
             "fault-table",

@@ -58,7 +58,7 @@ def write_report(
         f"<p class=muted>written {time.strftime('%Y-%m-%d %H:%M:%S')} from "
         + ", ".join(f"<code>{html.escape(str(r.path))}</code>" for r in runs)
         + "</p>",
-        _summary_table(runs, timelines),
+        _summary_table(runs),
         *(f"<p class=gap><b>{html.escape(r.label)}</b>: {html.escape(g)}</p>" for r in runs for g in r.gaps),
         extra_html,
     ]
@@ -96,39 +96,38 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _fmt(v: Any, spec: str = "") -> str:
+def fmt(v: Any, spec: str = "") -> str:
     if v is None or v == "":
         return "–"
     return format(v, spec) if spec and isinstance(v, (int, float)) else html.escape(str(v))
 
 
-def _summary_table(runs: list[Run], timelines: list[Timeline | None]) -> str:
+def _summary_table(runs: list[Run]) -> str:
     head = ["run", "steps", "loss", "val loss", "unigram", "ETTR", "restarts", "layout", "hardware", "params"]
     rows = []
     for run in runs:
         start, g = run.start, run.goodput
-        last = next((r for r in reversed(run.metrics) if isinstance(r.get("loss"), (int, float))), {})
+        last = next((r for r in reversed(run.trajectory()) if plots.finite(r.get("loss"))), {})
         val = run.series("val_loss")[1]
-        ettr = plots._ettr(run)
         hardware = f"{start.get('world_size', '?')} × {start.get('device', '?')}" if start else None
         rows.append(
             [
-                _fmt(run.label),
-                _fmt(max((r["step"] for r in run.metrics), default=None)),
-                _fmt(last.get("loss"), ".4f"),
-                _fmt(val[-1] if val else None, ".4f"),
-                _fmt(start.get("unigram_baseline"), ".3f"),
-                _fmt(ettr, ".1%"),
-                _fmt(g.get("restarts", len(run.restarts) if run.restarts else None)),
-                _fmt(start.get("layout")),
-                _fmt(hardware),
-                _fmt(start.get("params") and f"{start['params'] / 1e6:.2f}M"),
+                fmt(run.label),
+                fmt(max((r["step"] for r in run.metrics), default=None)),
+                fmt(last.get("loss"), ".4f"),
+                fmt(val[-1] if val else None, ".4f"),
+                fmt(start.get("unigram_baseline"), ".3f"),
+                fmt(run.ettr, ".1%"),
+                fmt(g.get("restarts", len(run.restarts) if run.restarts else None)),
+                fmt(start.get("layout")),
+                fmt(hardware),
+                fmt(start.get("params") and f"{start['params'] / 1e6:.2f}M"),
             ]
         )
-    return _table(head, rows, "summary")
+    return table(head, rows, "summary")
 
 
-def _table(head: list[str], rows: list[list[str]], css_id: str) -> str:
+def table(head: list[str], rows: list[list[str]], css_id: str) -> str:
     cells = "".join(f"<th>{h}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table id={css_id}><tr>{cells}</tr>{body}</table>"
@@ -140,23 +139,20 @@ def _timeline_tables(runs: list[Run], timelines: list[Timeline | None]) -> str:
         if tl is None:
             out.append(f"<p class=gap>{html.escape(run.label)}: no timed lines, so no timeline</p>")
             continue
-        g = run.goodput
-        keys = [c.replace("-", "").replace("productive", "productive") for c in CATEGORIES]
-        exact = [g.get(f"{k}_s") for k in ("startup", "productive", "recomputed", "checkpoint", "downtime")]
         rows = [
-            [html.escape(c), _fmt(tl.total(c), ".1f"), _fmt(e, ".1f")]
-            for c, e, _ in zip(CATEGORIES, exact, keys, strict=True)
+            [html.escape(c), fmt(tl.total(c), ".1f"), fmt(run.goodput.get(field), ".1f")]
+            for c, field in CATEGORIES.items()
         ]
         out.append(f"<h3>{html.escape(run.label)}: wall time, s</h3>")
         out.append(
-            _table(["", "drawn", "goodput.json (the trainer's count)"], rows, f"split-{_slug(run.label)}")
+            table(["", "drawn", "goodput.json (the trainer's count)"], rows, f"split-{_slug(run.label)}")
         )
         if tl.markers:
             marks = [
-                [_fmt(m.time, ".1f"), html.escape(m.kind.replace("_", " ")), html.escape(m.label)]
+                [fmt(m.time, ".1f"), html.escape(m.kind.replace("_", " ")), html.escape(m.label)]
                 for m in tl.markers
             ]
-            out.append(_table(["at (s)", "what", ""], marks, f"markers-{_slug(run.label)}"))
+            out.append(table(["at (s)", "what", ""], marks, f"markers-{_slug(run.label)}"))
     return "\n".join(out)
 
 
@@ -166,17 +162,17 @@ def _chat_evals(runs: list[Run]) -> str:
         for e in run.chat_evals:
             rows.append(
                 [
-                    _fmt(run.label),
-                    _fmt(e.get("step")),
-                    _fmt(e.get("val_loss"), ".3f"),
-                    _fmt(e.get("parses"), ".1%"),
-                    _fmt(e.get("pass_at_1"), ".1%"),
-                    _fmt(e.get("requests")),
+                    fmt(run.label),
+                    fmt(e.get("step")),
+                    fmt(e.get("val_loss"), ".3f"),
+                    fmt(e.get("parses"), ".1%"),
+                    fmt(e.get("pass_at_1"), ".1%"),
+                    fmt(e.get("requests")),
                 ]
             )
     if not rows:
         return ""
-    return _table(
+    return table(
         ["run", "step", "held-out chat loss", "answers that parse", "pass@1", "requests"], rows, "chat-eval"
     )
 

@@ -39,7 +39,7 @@ NOT_MEASURED = {"mfu": "not measured: no known peak FLOP/s\nfor this device (log
 CHAT_STATS = ("reward_margin", "preference_accuracy", "chosen_reward", "rejected_reward")
 
 
-def _finite(v) -> bool:
+def finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
@@ -65,7 +65,7 @@ def loss_figure(runs: list[Run], against: str = "step", width: float = 9) -> Fig
     for i, run in enumerate(runs):
         lw = 3.0 if i == 0 and len(runs) > 1 else 1.5  # a later run drawn over the first stays visible
         x_key = "step" if against == "step" else "tokens_seen"
-        rows = [r for r in run.trajectory() if _finite(r.get("loss")) and x_key in r]
+        rows = [r for r in run.trajectory() if finite(r.get("loss")) and x_key in r]
         ax.plot(
             [r[x_key] for r in rows],
             [r["loss"] for r in rows],
@@ -195,14 +195,7 @@ def timeline_figure(runs: list[Run], timelines: list[Timeline | None]) -> Figure
 
 
 def _row_label(run: Run) -> str:
-    ettr = run.goodput and _ettr(run)
-    return f"{run.label}\nETTR {ettr:.1%}" if ettr else run.label
-
-
-def _ettr(run: Run) -> float | None:
-    g = run.goodput
-    wall = g.get("last_update", 0) - g.get("first_start", 0)
-    return g.get("productive_s", 0) / wall if wall > 0 else None
+    return f"{run.label}\nETTR {run.ettr:.1%}" if run.ettr is not None else run.label
 
 
 def overview_png(runs: list[Run], timelines: list[Timeline | None], path) -> None:

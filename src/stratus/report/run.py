@@ -62,6 +62,13 @@ class Run:
         return starts[-1] if starts else {}
 
     @property
+    def ettr(self) -> float | None:
+        """Productive time over wall time, as goodput.json last recorded them."""
+        g = self.goodput
+        wall = g.get("last_update", 0) - g.get("first_start", 0)
+        return g.get("productive_s", 0) / wall if wall > 0 else None
+
+    @property
     def first_start(self) -> float | None:
         if self.goodput.get("first_start"):
             return float(self.goodput["first_start"])

@@ -12,7 +12,14 @@ import numpy as np
 
 from stratus.report.run import Marker, Run
 
-CATEGORIES = ("start-up", "productive", "recomputed", "checkpoint", "down")
+# each category and the field of goodput.json that counts the same time
+CATEGORIES = {
+    "start-up": "startup_s",
+    "productive": "productive_s",
+    "recomputed": "recomputed_s",
+    "checkpoint": "checkpoint_s",
+    "down": "downtime_s",
+}
 
 
 @dataclass
