@@ -112,7 +112,7 @@ def test_train_again_resumes(trained):
     [
         (("generate", "/nonexistent/run"), "not found"),
         (("eval", "/nonexistent/run"), "not found"),
-        (("prepare", "/nonexistent/corpus", "--out", "/tmp/x"), "not found"),
+        (("prepare", "/nonexistent/corpus", "--out", "/nonexistent/out"), "not found"),
         (("train", "/nonexistent.toml"), "not found"),
         (("train", "--data.path=/nonexistent", "--train.steps=1"), "stratus prepare"),
     ],

@@ -193,6 +193,8 @@ def test_sigstop_one_rank_watchdog_fires_and_the_job_recovers(tiny_data: Path, t
         "--train.micro_batch=4",
         "--train.steps=30",
         "--reliability.hang_timeout_s=4",
+        # the stop can land in a save, where the save's limit applies instead of the step's
+        "--reliability.checkpoint_timeout_s=6",
         "--checkpoint.interval=5",
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STRATUS_FAULTS": ""}
