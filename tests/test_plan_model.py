@@ -117,3 +117,22 @@ def test_bad_shapes_are_refused():
     with pytest.raises(StratusError, match="unknown model"):
         resolve("gpt5")
     assert math.isclose(resolve("llama3-8b", seq_len=4096).seq_len, 4096)
+
+
+def test_the_trainer_finds_its_mfu_peak_in_the_planners_catalog(tmp_path):
+    """One hardware catalog: torch's device names map to the planner's entries."""
+    from stratus.plan.catalog import load_catalog
+
+    cat = load_catalog()
+    assert cat.gpu_for_device("NVIDIA H100 80GB HBM3", 79.6).peak_flops == 989e12
+    assert cat.gpu_for_device("NVIDIA H200", 140.4).key == "h200"
+    assert cat.gpu_for_device("NVIDIA A100-SXM4-40GB", 39.4).key == "a100-40gb"
+    assert cat.gpu_for_device("NVIDIA A100-SXM4-80GB", 79.2).key == "a100-80gb"
+    assert cat.gpu_for_device("Tesla V100-SXM2-32GB", 31.7) is None  # unknown: no MFU, not a guess
+    # a site's catalog adds a GPU, and the trainer knows it too
+    site = tmp_path / "site.toml"
+    site.write_text(
+        '[gpu.b200]\nname = "B200"\nbf16_tflops = 2250.0\nhbm_gb = 178.0\nhbm_gbps = 8000.0\n'
+        'gemm_fraction = 0.8\nlink = "nvlink4"\ncuda_name = "B200"\n'
+    )
+    assert load_catalog(site).gpu_for_device("NVIDIA B200", 178.0).peak_flops == 2250e12

@@ -7,6 +7,7 @@ without touching stratus.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class Gpu:
     hbm_gbps: float
     gemm_fraction: float  # best fraction of peak a large bf16 matmul reaches on the real chip
     link: str
+    cuda_name: str = ""  # what torch.cuda.get_device_name contains for this GPU ("" = never matched)
 
     @property
     def peak_flops(self) -> float:
@@ -119,11 +121,12 @@ class Catalog:
 
     def _build(self, cls: type, table: str, key: str) -> Any:
         raw = self._entry(table, key)
-        fields = [f for f in cls.__dataclass_fields__ if f != "key"]
-        missing = [f for f in fields if f not in raw]
+        declared = cls.__dataclass_fields__
+        fields = [f for f in declared if f != "key"]
+        missing = [f for f in fields if f not in raw and declared[f].default is dataclasses.MISSING]
         if missing:
             raise StratusError(f"catalog {table}.{key} lacks {', '.join(missing)}")
-        return cls(key=key, **{f: raw[f] for f in fields})
+        return cls(key=key, **{f: raw[f] for f in fields if f in raw})
 
     def gpu(self, key: str) -> Gpu:
         return self._build(Gpu, "gpu", key)
@@ -136,6 +139,18 @@ class Catalog:
 
     def software(self, key: str) -> Software:
         return self._build(Software, "software", key)
+
+    def gpu_for_device(self, device_name: str, memory_gib: float | None = None) -> Gpu | None:
+        """The catalog's entry for a GPU as torch names it ("NVIDIA H100 80GB HBM3"): the
+        longest cuda_name it contains, and of equal names the memory closest to the device's.
+        The trainer's MFU and the planner use this one table."""
+        found = [g for g in map(self.gpu, self.names("gpu")) if g.cuda_name and g.cuda_name in device_name]
+        if not found:
+            return None
+        return min(
+            found,
+            key=lambda g: (-len(g.cuda_name), abs(g.hbm_gb - memory_gib) if memory_gib is not None else 0.0),
+        )
 
     def names(self, table: str) -> list[str]:
         return sorted(self.tables.get(table, {}))

@@ -20,19 +20,21 @@ from stratus.distributed.env import all_reduce_max
 
 log = logging.getLogger("stratus.train")
 
-# Dense bf16 peak FLOP/s by device name (vendor figures, ../shared/reference).
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-
 
 def device_peak_flops(
     device: torch.device, dtype: torch.dtype, override_tflops: float | None
 ) -> float | None:
+    """The device's dense bf16 peak from the one hardware catalog (plan/catalog.toml, with a
+    site's $STRATUS_PLAN_CATALOG on top), or log.peak_tflops."""
     if override_tflops:
         return override_tflops * 1e12
     if device.type != "cuda" or dtype != torch.bfloat16:
         return None  # unknown: MFU is left out rather than guessed
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+    from stratus.plan.catalog import load_catalog
+
+    memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    gpu = load_catalog().gpu_for_device(torch.cuda.get_device_name(device), memory_gib)
+    return gpu.peak_flops if gpu else None
 
 
 def device_name(device: torch.device) -> str:
