@@ -301,7 +301,9 @@ class LogConfig(Section):
         "auto", description="auto = a rich progress bar on a terminal, plain lines otherwise"
     )
     peak_tflops: float | None = Field(
-        None, gt=0, description="device peak TFLOP/s for MFU; none = the GPU's entry in the hardware catalog (plan/catalog.toml, or $STRATUS_PLAN_CATALOG)"
+        None,
+        gt=0,
+        description="device peak TFLOP/s for MFU; none = the GPU's entry in the hardware catalog (plan/catalog.toml, or $STRATUS_PLAN_CATALOG)",
     )
     prometheus_port: int | None = Field(
         None,
