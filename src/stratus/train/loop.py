@@ -35,7 +35,7 @@ from stratus.reliability.watchdog import Watchdog
 from stratus.train.checkpointing import Checkpointer
 from stratus.train.console import StepProgress
 from stratus.train.evaluate import Validator
-from stratus.train.metrics import MetricsWriter, Throughput, device_name
+from stratus.train.metrics import MetricsWriter, Throughput, run_facts
 from stratus.train.setup import Job, build_job
 from stratus.train.step import clip, forward_backward
 from stratus.train.trackers import check_trackers
@@ -281,21 +281,13 @@ class Trainer:
 
     def _event_start(self) -> None:
         """timeline.jsonl: this process's start, and what it runs on (the report's header)."""
-        job = self.job
+        g = self.goodput
         self.metrics.event(
             "start",
             self.step,
-            process_start=round(self.goodput.started, 3),
-            restarts=self.goodput.state["restarts"],
-            world_size=job.env.world_size,
-            layout=job.layout.describe(),
-            device=device_name(job.env.device),
-            dtype=str(job.dtype).removeprefix("torch."),
-            params=job.model.num_params(),
-            global_batch=job.global_batch,
-            seq_len=job.cfg.data.seq_len,
-            objective=job.cfg.train.objective,
-            unigram_baseline=job.data_manifest["splits"]["train"].get("unigram_entropy"),
+            process_start=round(g.started, 3),
+            restarts=g.state["restarts"],
+            **run_facts(self.job),
         )
 
     def _log_start(self) -> None:

@@ -52,6 +52,21 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({model}, {os.cpu_count()} cores)"
 
 
+def run_facts(job) -> dict[str, Any]:
+    """What a run runs on and how, for its timeline's start events."""
+    return {
+        "world_size": job.env.world_size,
+        "layout": job.layout.describe(),
+        "device": device_name(job.env.device),
+        "dtype": str(job.dtype).removeprefix("torch."),
+        "params": job.model.num_params(),
+        "global_batch": job.global_batch,
+        "seq_len": job.cfg.data.seq_len,
+        "objective": job.cfg.train.objective,
+        "unigram_baseline": job.data_manifest["splits"]["train"].get("unigram_entropy"),
+    }
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
