@@ -17,7 +17,7 @@ from stratus.report.timeline import build_timeline
 from tests.browser import chromium  # noqa: F401  (a fixture)
 from tests.conftest import TINY_ARGS, run_cli
 
-FAULTS = "kill@step=6,nan@step=9,crash_during_save@step=12"
+FAULTS = "kill@step=6,nan@step=9,crash_during_save@step=12,spike@step=14"
 PANELS = [
     "Loss",
     "Loss against tokens",
@@ -46,7 +46,13 @@ def _train(run: Path, data: Path, *extra: str):
 @pytest.fixture(scope="module")
 def runs(tiny_data: Path, tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("report")
-    faulty = _train(base / "faulty", tiny_data, "--max-restarts=3", f"--reliability.faults={FAULTS}")
+    faulty = _train(
+        base / "faulty",
+        tiny_data,
+        "--max-restarts=3",
+        "--reliability.spike_min_steps=3",
+        f"--reliability.faults={FAULTS}",
+    )
     clean = _train(base / "clean", tiny_data, "--eval.interval=4")
     return faulty, clean
 
@@ -69,7 +75,9 @@ def test_timeline_places_starts_restarts_and_recomputed_steps(runs):
     assert [m.label.split(":")[0] for m in restarts] == ["restart 1", "restart 2"]
     assert "killed by SIGKILL, resumed from step 4" in restarts[0].label
     faults = sorted(m.label.split(" (")[0] for m in tl.markers if m.kind == "fault")
-    assert faults == ["crash_during_save at step 12", "kill at step 6", "nan at step 9"]
+    assert faults == ["crash_during_save at step 12", "kill at step 6", "nan at step 9", "spike at step 14"]
+    rollback = next(m for m in tl.markers if m.kind == "rollback")
+    assert rollback.label == "spike rollback at step 14 to step 12"
     # a fault comes before the restart it caused, and the next start-up after that
     kill = next(m for m in tl.markers if m.label.startswith("kill"))
     second_startup = sorted(s.start for s in tl.segments if s.category == "start-up")[1]
@@ -105,6 +113,7 @@ def test_report_of_two_runs_renders_in_chromium(runs, tmp_path: Path, chromium):
         "kill at step 6",
         "crash_during_save at step 12",
         "skipped (non-finite) at step 9",
+        "spike rollback at step 14 to step 12",
     ):
         assert label in dom, label
     assert re.search(r"<td>faults</td><td>16</td>", dom) and re.search(r"<td>clean</td><td>16</td>", dom)
