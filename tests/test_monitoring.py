@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, TINY_ARGS, run_cli
+from tests.conftest import ROOT, TINY_ARGS, free_port, run_cli
 from tests.serving import LiveServer, make_export
 
 DASHBOARDS = ROOT / "deploy" / "grafana"
@@ -58,14 +57,8 @@ def _value(text: str, name: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_training_job_is_scraped_and_the_train_dashboard_matches(tiny_data: Path, tmp_path: Path):
-    port = _free_port()
+    port = free_port()
     run = tmp_path / "run"
     cmd = [
         sys.executable,

@@ -19,7 +19,7 @@ from stratus.checkpoint.manager import list_checkpoints, newest_verified
 from stratus.checkpoint.manifest import verify
 from stratus.errors import StratusError
 from stratus.reliability.faults import Fault, parse_faults
-from tests.conftest import ROOT, TINY_ARGS, metrics, torchrun_script
+from tests.conftest import ROOT, TINY_ARGS, free_port, metrics, torchrun_script
 
 TINY = [
     *TINY_ARGS,
@@ -323,14 +323,6 @@ def test_hang_is_caught_by_the_watchdog_and_restarted(reference, tiny_data: Path
     assert curve(run) == reference
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_a_rank_on_a_crowded_core_is_named_a_straggler(tiny_data: Path, tmp_path: Path):
     """Really slow: once training runs, rank 1 shares its core with five busy processes and
     rank 0 has the other core (with whatever else the machine runs). Nothing is injected
@@ -359,7 +351,7 @@ def test_a_rank_on_a_crowded_core_is_named_a_straggler(tiny_data: Path, tmp_path
         "OMP_NUM_THREADS": "1",
         "STRATUS_FAULTS": "",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "WORLD_SIZE": "2",
     }
 

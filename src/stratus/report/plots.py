@@ -116,7 +116,7 @@ def loss_figure(runs: list[Run], against: str = "step", width: float = 9) -> Fig
     return _finish(fig, [ax])
 
 
-def _multi(runs: list[Run], keys: list[tuple[str, str]], title: str, log_y: set[str] = frozenset()) -> Figure:
+def _multi(runs: list[Run], keys: list[tuple[str, str]], title: str) -> Figure:
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
     for ax, (key, label) in zip(axes[0], keys, strict=True):
         drawn = False
@@ -140,8 +140,6 @@ def _multi(runs: list[Run], keys: list[tuple[str, str]], title: str, log_y: set[
             )
         ax.set_title(label)
         ax.set_xlabel("step")
-        if key in log_y and any(run.series(key)[1] for run in runs):
-            ax.set_yscale("log")
     fig.suptitle(title)
     return _finish(fig, axes[0])
 
