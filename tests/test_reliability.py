@@ -302,6 +302,50 @@ def test_spike_rolls_back_and_skips_data(tiny_data: Path, tmp_path: Path):
     assert stop.returncode == 3 and "loss spike 2 of reliability.max_spikes = 2" in stop.stderr
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_no_host_read_inside_a_step_and_reads_only_when_due(tiny_data: Path, tmp_path: Path, nproc: int):
+    """The step (forward, backward, clip, all-reduce of the loss, update) reads no value to
+    the host, on one process and on 2 FSDP ranks; the loop reads on logged steps and before
+    each save only (log every 4, save every 6 and at the end: steps 4, 6, 8, 12)."""
+    run, out = tmp_path / "run", tmp_path / "reads"
+    args = train_args(tiny_data, run, "--log.interval=4", "--checkpoint.interval=6")
+    if nproc == 2:
+        args += ["--parallel.dp_shard=2", "--train.micro_batch=4"]
+        r = torchrun_script(ROOT / "tests" / "sync_peer.py", str(out), *args)
+    else:
+        cmd = [sys.executable, str(ROOT / "tests" / "sync_peer.py"), str(out), *args]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in range(nproc):
+        found = json.loads((out / f"rank-{rank}.json").read_text())
+        assert found["in_step"] == [], found["in_step"][:3]
+        assert found["read_at"] == [4, 6, 8, 12]
+        assert "tolist" in found["outside"]  # the instrument sees the loop's own reads
+    assert [m["step"] for m in metrics(run) if "grad_norm" in m] == [4, 8, 12]
+
+
+def test_nan_and_spike_between_logged_steps_are_judged_at_the_next_read(tiny_data: Path, tmp_path: Path):
+    """Log every 4 steps, save every 4: a NaN at step 2 was skipped on the device and gets its
+    own line at the read of step 4; a spike at step 6, read at step 8, rolls back to the save
+    of step 4 (from before the spike) and skips the data from step 6's batch on, as a
+    spike read at once would."""
+    run = tmp_path / "run"
+    extra = ("--log.interval=4", "--checkpoint.interval=4", "--reliability.spike_min_steps=2")
+    r = stratus(
+        *train_args(tiny_data, run, *extra, "--reliability.spike_skip_steps=4"),
+        faults="nan@step=2,spike@step=6",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = metrics(run)
+    skipped = next(m for m in lines if m.get("skipped"))
+    assert skipped["step"] == 2 and skipped["grad_norm"] is None and skipped["skipped_nonfinite"] == 1
+    spike = next(m for m in lines if m.get("spike"))
+    assert spike["rollback_from"] == 6 and spike["rollback_to"] == 4
+    assert spike["data_skipped_to"] == (6 + 4) * 8  # past the spike batch and 4 more global batches
+    assert max(m["step"] for m in lines) == STEPS
+    assert all(m["loss"] == m["loss"] for m in lines if m["step"] != 2)
+
+
 def test_crash_loop_stops_with_a_diagnosis(tiny_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     r = stratus(*train_args(tiny_data, run), "--max-restarts=10", faults="kill@step=5:times=10")

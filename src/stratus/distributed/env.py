@@ -128,12 +128,11 @@ def all_reduce_mean(env: DistEnv, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def all_reduce_max(env: DistEnv, value: float) -> float:
-    if not env.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+def all_reduce_max(env: DistEnv, value: torch.Tensor) -> torch.Tensor:
+    if env.distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
 
 
 def all_ranks_true(env: DistEnv, flag: bool) -> bool:

@@ -23,8 +23,12 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stratus.errors import StratusError
+
+if TYPE_CHECKING:
+    import torch
 
 KINDS = {
     "kill",
@@ -122,13 +126,14 @@ class FaultInjector:
         """nan: this rank's loss of the step becomes NaN."""
         return self.due("nan", step) is not None
 
-    def reported_loss(self, step: int, loss: float, all_reduce_max) -> float:
-        """spike: the loss the detector sees, multiplied on the rank it targets and then
-        seen by every rank (one extra collective, only in runs that plan a spike)."""
+    def reported_loss(self, step: int, loss: torch.Tensor, all_reduce_max) -> torch.Tensor:
+        """spike: the loss the detector sees (a device tensor), multiplied on the rank it
+        targets and then seen by every rank (one extra collective, only in runs that plan a
+        spike)."""
         spike = self.due("spike", step)
         if spike is not None:
-            loss *= spike.factor
-        return max(all_reduce_max(loss), loss) if self.any_spike else loss
+            loss = loss * spike.factor
+        return all_reduce_max(loss) if self.any_spike else loss
 
     def at_step_start(self, step: int) -> None:
         """kill and hang act on the process itself."""

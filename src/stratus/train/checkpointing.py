@@ -52,12 +52,13 @@ class Checkpointer:
             return logged and denv.broadcast_object(self.job.env, self.policy.due(step))
         return self.policy.due(step)  # a step rule, the same on every rank
 
-    def maybe_save(self, step: int, state: dict, logged: bool, final: bool, loss: float | None) -> float:
-        """Save when due (always at the end of the run). Returns the seconds the loop blocked."""
+    def maybe_save(self, step: int, state: dict, due: bool, final: bool, loss: float | None) -> float:
+        """Save if `due` (what due() said of this step; always at the end of the run).
+        Returns the seconds the loop blocked."""
         job = self.job
         if self.pending is not None and job.ckpt.all_written(self.pending):
             self.finish_pending(loss)
-        if not (self.due(step, logged) or final):
+        if not (due or final):
             return 0.0
         started = time.perf_counter()
         self.finish_pending(loss)  # at most one save in flight

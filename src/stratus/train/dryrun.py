@@ -45,7 +45,7 @@ from stratus.plan.catalog import Gpu
 from stratus.plan.efficiency import DEFAULT as PLANNER
 from stratus.train.optim import build_optimizer
 from stratus.train.setup import batch_shape, materialize, precision, resolve_vocab, sharded_model
-from stratus.train.step import clip, forward_backward
+from stratus.train.step import clip, forward_backward, update
 
 GIB = 2**30
 # The Llama 3 tokenizer's 128,256 tokens: the vocabulary a config with vocab_size 0 gets
@@ -299,11 +299,9 @@ def measure(
                 )
                 with census:
                     start = census.snapshot()
-                    forward_backward(model, batches, micro, autocast, contextlib.nullcontext)
+                    loss, _ = forward_backward(model, batches, micro, autocast, contextlib.nullcontext)
                     mid = census.snapshot()
-                    clip(model, tc.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    update(optimizer, loss, clip(model, tc.grad_clip))
                     end = census.snapshot()
                 per_step.append((_minus(mid, start), _minus(end, mid)))
                 tracker.reset_mod_stats()

@@ -5,10 +5,12 @@ global_batch / (micro_batch x ranks) micro batches, accumulating gradients, then
 AdamW, schedule. The batch a rank reads is a pure function of the data position (global
 samples seen), so resuming from a checkpoint continues the exact sample sequence.
 
-Every step the ranks agree on the loss (one all-reduce) and read it and the gradient norm
-in one host sync: a non-finite step skips its update everywhere; a spike rolls back to the
-last checkpoint and skips the data that caused it. A watchdog thread ends a rank that stops
-making progress; faults can be injected to rehearse all of this.
+Every step the ranks agree on the loss (one all-reduce, no host sync): a non-finite loss or
+gradient norm skips the update on the device, everywhere. The host reads the steps' numbers
+only on logged steps and before a checkpoint, all at once: a spike found there rolls back
+to the last checkpoint (always one from before the spike) and skips the data that caused
+it. A watchdog thread ends a rank that stops making progress; faults can be injected to
+rehearse all of this.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from stratus.train.checkpointing import Checkpointer
 from stratus.train.console import StepProgress
 from stratus.train.evaluate import Validator
 from stratus.train.metrics import MetricsWriter, Throughput, run_facts
+from stratus.train.readings import Reading, Unread
 from stratus.train.setup import Job, build_job
-from stratus.train.step import clip, forward_backward
+from stratus.train.step import clip, forward_backward, update
 from stratus.train.trackers import check_trackers
 
 log = logging.getLogger("stratus.train")
@@ -80,6 +83,7 @@ class Trainer:
         self.end = cfg.train.stop_at or cfg.train.steps
         self.step, self.samples_seen, self.resumed_from = 0, 0, None
         self.last_loss: float | None = None
+        self.unread = Unread()  # the steps' numbers, on the device until the next read
         self.detector = SpikeDetector(rc.spike_zscore, rc.spike_window, rc.spike_min_steps, rc.max_spikes)
         # Each component decides when it is due and keeps its own state; faults reach all of
         # them through the one injector.
@@ -111,17 +115,25 @@ class Trainer:
         try:
             while self.step < end:
                 started = time.perf_counter()
-                record = self.train_step()
+                self.train_step()
                 self.goodput.step(self.step, time.perf_counter() - started)
                 self.throughput.step_done()
-                logged = self.throughput.due(self.step)
+                logged, validate = self.throughput.due(self.step), self.validator.due(self.step, end)
+                save = self.checkpointer.due(self.step, logged) or self.step == end
+                # The host reads the steps' numbers only here, and always before a save, so
+                # that no checkpoint keeps a step that was not judged.
+                record = self.read_steps(logged) if logged or validate or save else {}
+                if record.get("spike"):  # rolled back: the state this step ended in is gone
+                    self.metrics.write(self.step, record)
+                    self.watchdog.beat()
+                    continue
                 if job.shard_check is not None and (logged or self.step == end):
                     job.shard_check.agree(job.env, wait=self.step == end)  # before the last save
                 if logged:
                     ettr = self.goodput.summary()["ettr"]
                     record.update(self.throughput.report(self.step, self.last_loss, self.samples_seen, ettr))
                     progress.update(self.step, f"loss {self.last_loss:.3f}")
-                if self.validator.due(self.step, end):
+                if validate:
                     record.update(self.validator.run(self.step))
                 if self.stragglers.due(self.step, logged):
                     record.update(self.stragglers.run(self.step))
@@ -129,7 +141,7 @@ class Trainer:
                     record.setdefault("loss", round(self.last_loss, 5))
                     self.metrics.write(self.step, record)
                 saved = self.checkpointer.maybe_save(
-                    self.step, self._state(), logged, final=self.step == end, loss=self.last_loss
+                    self.step, self._state(), save, final=self.step == end, loss=self.last_loss
                 )
                 self.throughput.exclude(saved)  # keep checkpoint stalls out of the throughput
                 self.goodput.save(force=bool(saved))
@@ -142,44 +154,54 @@ class Trainer:
             self.metrics.close()
         return self._summary()
 
-    def train_step(self) -> dict:
-        """One optimizer step, or a skipped one. Returns what the metrics line must record."""
+    def train_step(self) -> None:
+        """One optimizer step (skipped on the device if its loss or norm is not finite),
+        queued with nothing read back: its numbers wait in self.unread."""
         job, env = self.job, self.job.env
         step = self.step + 1
         self.faults.at_step_start(step)
         started = time.perf_counter()
         loss_local, stats, norm = self._forward_backward(step)
-        # One host sync a step, for the loss, the objective's statistics and the norm. All
-        # are global (means over ranks; the norm over every shard), so a NaN on any rank
-        # makes them NaN on all: they agree on skipping without another collective.
+        # Global values (means over ranks; the norm over every shard), so a NaN on any rank
+        # is a NaN on all: they skip the same update without another collective.
         means = denv.all_reduce_mean(env, torch.cat([loss_local.view(1).float(), stats]))
-        loss, *stat_values, grad_norm = torch.cat([means, norm.float().view(1)]).tolist()
-        loss = self.faults.reported_loss(step, loss, lambda v: denv.all_reduce_max(env, v))
-        self.last_loss = loss
-        record: dict = {}
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self.detector.skipped_nonfinite += 1
-            record["skipped"] = "nonfinite"
-            self.metrics.event("skipped_nonfinite", step)
-            log.warning(
-                "step %d: non-finite loss or gradient norm on some rank; update skipped on every "
-                "rank (%d so far)",
-                step,
-                self.detector.skipped_nonfinite,
-            )
-        elif self.detector.is_spike(loss):
-            job.optimizer.zero_grad(set_to_none=True)
-            return self._rollback(step, loss)
-        else:
-            job.optimizer.step()
-        job.optimizer.zero_grad(set_to_none=True)
+        loss = self.faults.reported_loss(step, means[:1], lambda t: denv.all_reduce_max(env, t))
+        update(job.optimizer, loss, norm)
         job.scheduler.step()
+        self.unread.add(step, self.samples_seen, loss, means[1:], norm)
         self.step, self.samples_seen = step, self.samples_seen + job.global_batch
         self.stragglers.step_done(time.perf_counter() - started)
-        record["grad_norm"] = round(grad_norm, 5) if math.isfinite(grad_norm) else None
-        record.update((k, round(v, 5)) for k, v in zip(job.objective.stat_names, stat_values, strict=True))
+
+    def read_steps(self, logged: bool) -> dict:
+        """The one host sync since the last read: every step's numbers, judged in order. A
+        non-finite step (already skipped) is counted and gets its metrics line; a spike rolls
+        back. Returns what the newest step's line must record (nothing if it needs none)."""
+        record: dict = {}
+        for r in self.unread.read():
+            self.last_loss = r.loss
+            if not r.finite:
+                self.detector.skipped_nonfinite += 1
+                self.metrics.event("skipped_nonfinite", r.step, time=round(r.time, 3))
+                log.warning(
+                    "step %d: non-finite loss or gradient norm on some rank; update skipped on every "
+                    "rank (%d so far)",
+                    r.step,
+                    self.detector.skipped_nonfinite,
+                )
+            elif self.detector.is_spike(r.loss):
+                return self._rollback(r)
+            record = self._record(r)
+            if not r.finite and r.step != self.step:  # a skipped step always has its line
+                self.metrics.write(r.step, {**record, "time": round(r.time, 3)})
+        return record if (logged or record.get("skipped")) else {}
+
+    def _record(self, r: Reading) -> dict:
+        record: dict = {"skipped": "nonfinite"} if not r.finite else {}
+        record["loss"] = round(r.loss, 5)
+        record["grad_norm"] = round(r.grad_norm, 5) if math.isfinite(r.grad_norm) else None
+        record.update((k, round(v, 5)) for k, v in zip(self.job.objective.stat_names, r.stats, strict=True))
         record["skipped_nonfinite"] = self.detector.skipped_nonfinite
-        return record if (record.get("skipped") or self.throughput.due(step)) else {}
+        return record
 
     def _forward_backward(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's share of the step's loss and statistics, and the global gradient norm
@@ -203,35 +225,38 @@ class Trainer:
 
     # --- anomalies and checkpoints -----------------------------------------------------------
 
-    def _rollback(self, step: int, loss: float) -> dict:
-        """Back to the newest checkpoint; the data goes on from past the spike plus
-        spike_skip_steps global batches, so the batches around the spike are not seen again."""
+    def _rollback(self, spike: Reading) -> dict:
+        """Back to the newest checkpoint, which is from before the spike (a save first judges
+        every step before it); the data goes on from past the spike plus spike_skip_steps
+        global batches, so the batches around the spike are not seen again. With no
+        checkpoint yet there is nothing to go back to: the steps since the spike stay."""
         job, rc = self.job, self.job.cfg.reliability
         if self.detector.too_many:
             raise RunStopped(
                 f"loss spike {self.detector.spikes} of reliability.max_spikes = {rc.max_spikes} at step "
-                f"{step} (loss {loss:.4f}); the run is unstable: lower train.lr or raise "
+                f"{spike.step} (loss {spike.loss:.4f}); the run is unstable: lower train.lr or raise "
                 "train.warmup_steps, then resume"
             )
-        skip_to = self.samples_seen + (1 + rc.spike_skip_steps) * job.global_batch
-        found = self.checkpointer.newest(loss)
+        skip_to = spike.samples_before + (1 + rc.spike_skip_steps) * job.global_batch
+        self.unread.read()  # the steps after the spike, taken from the state being left
+        found = self.checkpointer.newest(spike.loss)
         if found is not None:
             self._restore(found[1], with_detector=False)
-        self.samples_seen = skip_to
-        self.metrics.event("rollback", step, loss=round(loss, 5), to_step=self.step)
+        self.samples_seen = max(skip_to, self.samples_seen)
+        self.metrics.event("rollback", spike.step, loss=round(spike.loss, 5), to_step=self.step)
         log.warning(
             "step %d: loss spike (%.4f); rolled back to step %d, data skipped to sample %d",
-            step,
-            loss,
+            spike.step,
+            spike.loss,
             self.step,
-            skip_to,
+            self.samples_seen,
         )
         return {
-            "loss": round(loss, 5),
+            "loss": round(spike.loss, 5),
             "spike": True,
-            "rollback_from": step,
+            "rollback_from": spike.step,
             "rollback_to": self.step,
-            "data_skipped_to": skip_to,
+            "data_skipped_to": self.samples_seen,
         }
 
     def _restore(self, path: Path, with_detector: bool) -> None:

@@ -67,10 +67,13 @@ def run_facts(job) -> dict[str, Any]:
     }
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+def peak_memory_gb(env) -> torch.Tensor:
+    """This rank's peak memory, as a tensor on its device for the all-reduce (the biggest rank)."""
+    if env.device.type == "cuda":
+        gb = torch.cuda.max_memory_allocated(env.device) / 1e9
+    else:
+        gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+    return torch.tensor(gb, dtype=torch.float64, device=env.device)
 
 
 class Throughput:
@@ -107,7 +110,7 @@ class Throughput:
             "tokens_per_s": round(tokens_per_s, 1),
             "tokens_per_s_per_device": round(tokens_per_s / devices, 1),
             "mfu": round(flops_per_token * tokens_per_s / (peak * devices), 4) if peak else None,
-            "memory_gb": round(all_reduce_max(job.env, peak_memory_gb(job.env.device)), 3),
+            "memory_gb": round(float(all_reduce_max(job.env, peak_memory_gb(job.env))), 3),
             "tokens_seen": samples_seen * job.cfg.data.seq_len,
             "ettr": ettr,
         }

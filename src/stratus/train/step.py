@@ -1,6 +1,7 @@
 """The computation of one optimizer step, shared by the trainer and the dry run: the
-micro batches' forward and backward with gradient accumulation, then clipping. Taking the
-update (or skipping it) is the caller's, since only the trainer knows about anomalies."""
+micro batches' forward and backward with gradient accumulation, clipping, and the update,
+which a non-finite loss or norm skips on the device. Nothing here reads a value to the
+host: the dry run runs these same functions on fake tensors, where a read would fail."""
 
 from __future__ import annotations
 
@@ -81,6 +82,20 @@ def clip(model: nn.Module, max_norm: float) -> torch.Tensor:
     """The global gradient norm before clipping (over every shard: FSDP's and TP's DTensor
     gradients reduce to one norm), as a device tensor."""
     return local(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf))
+
+
+def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, norm: torch.Tensor) -> None:
+    """The optimizer step, skipped when the global loss or gradient norm is not finite,
+    decided on the device: the fused AdamW kernel takes a found_inf flag (the one GradScaler
+    uses) and then leaves parameters, moments and step count as they were. Only where no
+    fused kernel exists is the flag read on the host (a sync every step)."""
+    skip = ~(torch.isfinite(loss).all() & torch.isfinite(norm).all())
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
+        optimizer.step()
+    elif not skip.item():
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
