@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c co
 DEMO_DATA := data/stdlib
 DEMO_RUN  := runs/demo
 
-.PHONY: demo chat test install install-dev lint bench clean
+.PHONY: demo chat test test-floor install install-dev lint bench clean
 
 demo: $(VENV)/.installed
 	@test -f $(DEMO_DATA)/manifest.json || $(BIN)/stratus prepare --out $(DEMO_DATA) --vocab-size 4096
@@ -46,6 +46,15 @@ chat: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
+
+# The suite on the oldest torch that pyproject.toml admits, in a venv of its own. On x86
+# Linux that torch is a CUDA build from the registry (about 7 GB; it runs on the CPU).
+FLOOR_TORCH := $(shell sed -n 's/.*"torch>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+test-floor:
+	test -x .venv-floor/bin/python || $(PYTHON) -m venv .venv-floor
+	.venv-floor/bin/python -m pip install --quiet --disable-pip-version-check 'torch==$(FLOOR_TORCH).*' -e '.[dev]'
+	.venv-floor/bin/python -c 'import torch; print("torch", torch.__version__)'
+	.venv-floor/bin/python -m pytest -q
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -67,16 +67,34 @@ CATEGORIES = {
 
 
 _ATEN = torch.ops.aten
+
+
+def _kv_heads_as_query_heads(formula, query_at: int):
+    """A FLOP formula for attention that sees key and value with the query's head count.
+    Under grouped-query attention the kernel broadcasts each key/value head over its group of
+    query heads, and torch 2.13 counts it so; torch 2.9's formula asserts equal head counts.
+    The formulas read shapes, so the shapes alone are widened (arguments query_at + 1, + 2)."""
+
+    def count(*args, **kwargs):
+        args, heads = list(args), args[query_at].shape[1]  # (batch, heads, seq, head_dim)
+        for i in (query_at + 1, query_at + 2):
+            shape = args[i].shape
+            args[i] = torch.Size((shape[0], heads, *shape[2:]))
+        return formula(*args, **kwargs)
+
+    return count
+
+
 # torch's FLOP formulas, plus the CPU flash-attention kernel that a CPU dry run runs where a
 # GPU runs the flash or memory-efficient one (the same arithmetic).
 FLOPS = {
     **flop_registry,
-    _ATEN._scaled_dot_product_flash_attention_for_cpu: flop_registry[
-        _ATEN._scaled_dot_product_flash_attention
-    ],
-    _ATEN._scaled_dot_product_flash_attention_for_cpu_backward: flop_registry[
-        _ATEN._scaled_dot_product_flash_attention_backward
-    ],
+    _ATEN._scaled_dot_product_flash_attention_for_cpu: _kv_heads_as_query_heads(
+        flop_registry[_ATEN._scaled_dot_product_flash_attention], query_at=0
+    ),
+    _ATEN._scaled_dot_product_flash_attention_for_cpu_backward: _kv_heads_as_query_heads(
+        flop_registry[_ATEN._scaled_dot_product_flash_attention_backward], query_at=1
+    ),
 }
 _COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
 _NOT_COLLECTIVES = ("wait_tensor", "barrier", "monitored_barrier")
@@ -246,6 +264,34 @@ def dry_run(cfg: Config, world_size: int, gpu: Gpu, steps: int = 2, label: str =
     )
 
 
+class _LocalOpsOnly:
+    """torch's memory trackers, counting only what this rank allocates, as torch 2.13's do:
+    a DTensor op is left to DTensor (NotImplemented) and the local ops it becomes on this
+    rank's shards are counted, while the ops DTensor runs on whole-tensor fakes to work out
+    placements (in a fake mode other than the one the tracker was entered in) are not.
+    torch 2.9's trackers count those too: llama3-8b on 64 ranks read 120 GiB of optimizer
+    state instead of 0.9. On torch 2.13 this changes nothing."""
+
+    def __enter__(self):
+        self._entered_in = active_fake_mode()
+        return super().__enter__()  # type: ignore[misc]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t is DTensor for t in types):
+            return NotImplemented
+        if active_fake_mode() is not self._entered_in:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)  # type: ignore[misc]
+
+
+class FSDPTracker(_LocalOpsOnly, FSDPMemTracker):
+    pass
+
+
+class Tracker(_LocalOpsOnly, MemTracker):
+    pass
+
+
 @contextlib.contextmanager
 def _own_fake_mode_for_dtensor() -> Iterator[None]:
     from torch.distributed.tensor import _sharding_prop
@@ -285,7 +331,7 @@ def measure(
     with _fake_modes() if fake else contextlib.nullcontext():
         materialize(model, cpu, tc.seed, rank, layout)
         optimizer = build_optimizer(model, tc, cpu)
-        tracker = FSDPMemTracker(model, optimizer) if isinstance(model, FSDPModule) else MemTracker()
+        tracker = FSDPTracker(model, optimizer) if isinstance(model, FSDPModule) else Tracker()
         if not isinstance(tracker, FSDPMemTracker):
             tracker.track_external(model, optimizer)
         census = Census()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from stratus.data.packing import IGNORE
 
@@ -80,7 +80,18 @@ def forward_backward(
 
 def clip(model: nn.Module, max_norm: float) -> torch.Tensor:
     """The global gradient norm before clipping (over every shard: FSDP's and TP's DTensor
-    gradients reduce to one norm), as a device tensor."""
+    gradients reduce to one norm), as a device tensor.
+
+    Tensor parallelism leaves some gradients partial: a sequence-parallel norm's weight gets
+    each rank's sum over its own part of the sequence. They are summed here, before the norm
+    and the update read them. torch 2.9 takes the norm of a partial gradient wrongly, so the
+    clip scale was off and a tp 2 run trained its norms apart from one process; torch 2.13
+    sums them itself, and the dry run counts the same all-reduces with this as without."""
+    for p in model.parameters():
+        g = p.grad
+        if isinstance(g, DTensor) and any(x.is_partial() for x in g.placements):
+            summed = [Replicate() if x.is_partial() else x for x in g.placements]
+            p.grad = g.redistribute(g.device_mesh, summed)
     return local(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf))
 
 
