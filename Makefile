@@ -38,7 +38,7 @@ chat: $(VENV)/.installed
 	$(BIN)/stratus eval runs/chat-dpo --chat --data data/stdlib-chat
 	$(BIN)/stratus report runs/chat-sft runs/chat-dpo --out runs/chat-dpo/report.html
 	@echo
-	printf '%s\n/quit\n' '$(CHAT_ASK)' | $(BIN)/stratus chat runs/chat-dpo --temperature 0.5 --top-k 20 --seed 0 --max-tokens 160
+	printf '%s\n/quit\n' '$(CHAT_ASK)' | $(BIN)/stratus chat runs/chat-dpo --temperature 0.3 --top-k 20 --seed 0 --max-tokens 160
 	@echo
 	@echo "Talk to it:   $(BIN)/stratus chat runs/chat-dpo"
 	@echo "Serve it:     $(BIN)/stratus serve runs/chat-dpo   (OpenAI API on :8000)"

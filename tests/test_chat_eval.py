@@ -34,3 +34,27 @@ def test_answers_are_read_as_code_and_the_default_pairs_reject_broken_code():
         pair = fn.preference()
         assert pair.prompt[0]["content"] == fn.request()
         assert parses(pair.chosen[0]["content"]) and not parses(pair.rejected[0]["content"])
+
+
+def test_renamed_copies_ask_for_the_new_name_and_still_pass_their_doctests():
+    median = next(f for f in functions([STATS]) if f.name == "median")
+    copy = median.renamed("middle_value")
+    assert copy.request().startswith("Write a Python function `middle_value(data)` that: Return the median")
+    assert copy.source.startswith("def middle_value(data):") and "median(" not in copy.source
+    assert ">>> middle_value(" in copy.doc  # its doctests call it by the new name, and pass
+    assert passes(copy, copy.source) and not passes(copy, median.source)
+
+
+def test_renamed_copies_are_trained_on_and_never_of_a_held_out_function(tiny_data: Path, tmp_path: Path):
+    """Validation holds the held-out originals alone; training, every other function once as
+    it is and RENAMED_COPIES times renamed (a copy of a held-out function would teach it
+    under another name)."""
+    from stratus.data.chat_default import RENAMED_COPIES
+    from stratus.data.prepare_chat import prepare_chat
+    from stratus.train.chat_eval import held_out
+
+    m = prepare_chat([], tmp_path / "chat", str(tiny_data / "tokenizer.json"), say=lambda s: None)
+    kept_out, total = len(held_out(m["val_fraction"])), len(list(functions()))
+    assert m["splits"]["val"]["documents"] == kept_out
+    assert m["splits"]["train"]["documents"] == (total - kept_out) * (1 + RENAMED_COPIES)
+    assert m["records"]["renamed_copies"] == (total - kept_out) * RENAMED_COPIES

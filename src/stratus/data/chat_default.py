@@ -3,6 +3,10 @@ function with a docstring becomes a request for it ("Write a Python function `na
 that: <docstring>") answered with its source. Preference pairs prefer that source to a
 broken variant of it: the same function cut off halfway, which does not parse.
 
+Each training function is also seen again under other names, request and source alike:
+with the originals alone a small model recalls names from docstrings instead of copying
+the one it is asked for (the demo's SFT model named `count_vowels` `icoys`).
+
 Present on every machine that runs stratus, so fine-tuning needs nothing from outside,
 and measurable: an answer parses with `ast.parse` or not, and functions whose docstrings
 carry doctests can be run (`stratus eval --chat`).
@@ -11,6 +15,9 @@ carry doctests can be run (`stratus eval --chat`).
 from __future__ import annotations
 
 import ast
+import functools
+import random
+import re
 import sysconfig
 import textwrap
 import warnings
@@ -23,6 +30,7 @@ from stratus.data.prepare import stdlib_sources
 
 MAX_SOURCE_CHARS = 1000  # a request and its answer fit a context of 512 tokens
 MIN_DOC_CHARS = 20
+RENAMED_COPIES = 3  # each training function seen again under this many other names
 
 
 @dataclass
@@ -39,6 +47,20 @@ class Function:
 
     def conversation(self) -> Messages:
         return [{"role": "user", "content": self.request()}, {"role": "assistant", "content": self.source}]
+
+    def renamed(self, name: str) -> Function:
+        """The same function called `name` wherever code calls it by name: its `def`, its
+        recursive calls, its doctests. Prose is left alone (`median` renamed still returns
+        "the median")."""
+        own = re.compile(rf"\b{re.escape(self.name)}(?=\()")
+        return Function(
+            name,
+            own.sub(name, self.signature, count=1),
+            own.sub(name, self.doc),
+            own.sub(name, self.source),
+            self.path,
+            self.module,
+        )
 
     def preference(self) -> Preference:
         lines = self.source.splitlines()
@@ -75,9 +97,19 @@ SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo"}  # test suites
 
 
 def functions(paths: list[Path] | None = None) -> Iterator[Function]:
-    """Public module-level functions with a docstring and a short enough source."""
+    """Public module-level functions with a docstring and a short enough source (by default,
+    the standard library's, parsed once a process)."""
     if paths is None:
-        paths = [p for p in stdlib_sources() if not SKIP_DIRS & set(p.parts)]
+        return iter(_stdlib_functions())
+    return _functions(paths)
+
+
+@functools.cache
+def _stdlib_functions() -> tuple[Function, ...]:
+    return tuple(_functions([p for p in stdlib_sources() if not SKIP_DIRS & set(p.parts)]))
+
+
+def _functions(paths: list[Path]) -> Iterator[Function]:
     for path in paths:
         try:
             text = path.read_text(encoding="utf-8")
@@ -103,6 +135,24 @@ def functions(paths: list[Path] | None = None) -> Iterator[Function]:
                 str(path),
                 module_name(path),
             )
+
+
+def renamed_conversations(copies: int = RENAMED_COPIES) -> list[tuple[Messages, Messages]]:
+    """(renamed conversation, the original's) for every function, `copies` times each. The
+    new names join two or three words of standard-library function names (`parse_vowels`),
+    never a word the function's source already uses, drawn from a fixed seed."""
+    funcs = list(functions())
+    words = sorted({w for f in funcs for w in f.name.split("_") if len(w) > 1 and w.isalpha()})
+    rng = random.Random(0)
+    out = []
+    for f in funcs:
+        used = set(re.findall(r"\w+", f.source))
+        for _ in range(copies):
+            name = f.name
+            while name in used:
+                name = "_".join(rng.sample(words, rng.choice((2, 3)))).lower()
+            out.append((f.renamed(name).conversation(), f.conversation()))
+    return out
 
 
 def has_doctests(messages: Messages) -> bool:

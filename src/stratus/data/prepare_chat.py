@@ -62,6 +62,11 @@ def prepare_chat(
     say(f"read {len(records.items)} {records.kind} ({records.skipped_count} bad lines skipped)")
 
     docs = _documents(records)
+    augmented = 0
+    if not sources and not preferences:
+        docs_renamed = _renamed_training_copies(val_fraction, held_out)
+        docs, augmented = docs + docs_renamed, len(docs_renamed)
+        say(f"and {augmented} renamed copies of the training functions")
     if tok is None:
         tok = train_tokenizer((CHAT.render(m, False) for m, _ in docs), vocab_size, length=len(docs))
     added = add_chat_tokens(tok)
@@ -72,6 +77,7 @@ def prepare_chat(
         manifest["tokenizer"]["sha256"] = sha256_file(tmp / "tokenizer.json")
         manifest["tokenizer"].update(added_tokens=added, trained=not tokenizer_file)
         manifest["sources"] = labels
+        manifest["records"]["renamed_copies"] = augmented
         manifest["seconds"] = round(time.time() - t0, 1)
         write_json_atomic(tmp / "manifest.json", manifest)
     return manifest
@@ -83,11 +89,30 @@ def _documents(records: ChatRecords) -> list[tuple[list[dict], str]]:
     docs = []
     for item in records.items:
         if isinstance(item, Preference):
-            key = json.dumps([item.prompt, item.chosen, item.rejected], sort_keys=True)
+            key = split_key([item.prompt, item.chosen, item.rejected])
             docs += [(item.prompt + item.chosen, key), (item.prompt + item.rejected, key)]
         else:
-            docs.append((item, json.dumps(item, sort_keys=True)))
+            docs.append((item, split_key(item)))
     return docs
+
+
+def _renamed_training_copies(val_fraction: float, held_out) -> list[tuple[list[dict], str]]:
+    """The embedded default's functions under other names, for training only: a copy takes
+    its original's key, and copies of anything held out are left out, so no held-out
+    function is trained on under another name and validation holds originals alone."""
+    from stratus.data.chat_default import renamed_conversations
+
+    copies = []
+    for renamed, original in renamed_conversations():
+        key = split_key(original)
+        if not (in_validation(key, val_fraction) or (held_out and held_out(original))):
+            copies.append((renamed, key))
+    return copies
+
+
+def split_key(record) -> str:
+    """What decides a record's split: its content."""
+    return json.dumps(record, sort_keys=True)
 
 
 def in_validation(key: str, val_fraction: float) -> bool:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from stratus.data.chat_default import Function, functions, has_doctests
 from stratus.data.chat_template import find_template
-from stratus.data.prepare_chat import in_validation
+from stratus.data.prepare_chat import in_validation, split_key
 
 TIME_LIMIT_S = 10.0
 CONTEXT = 512  # every model is scored at this context (a base model pretrained on less too)
@@ -84,8 +84,7 @@ def held_out(val_fraction: float) -> list[Function]:
     return [
         f
         for f in functions()
-        if has_doctests(f.conversation())
-        or in_validation(json.dumps(f.conversation(), sort_keys=True), val_fraction)
+        if has_doctests(f.conversation()) or in_validation(split_key(f.conversation()), val_fraction)
     ]
 
 
