@@ -51,6 +51,3 @@ class Unread:
         ]
         self._steps, self._values = [], []
         return out
-
-    def __len__(self) -> int:
-        return len(self._steps)
