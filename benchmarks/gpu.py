@@ -66,7 +66,7 @@ def worker(args: list[str], steps: int, compile_blocks: bool) -> None:
     layout = resolve_layout(cfg.parallel, env.world_size, cfg.model)
     mesh = build_mesh(layout, env.device.type) if env.world_size > 1 else None
     dtype, autocast, param_dtype = precision(cfg.train.dtype, env.device, layout)
-    model = sharded_model(cfg, layout, mesh, env.device, "meta", param_dtype)
+    model = sharded_model(cfg, layout, mesh, env.device, "meta", param_dtype, env.rank).model
     materialize(model, env.device, 0, env.rank, layout)
     optimizer = build_optimizer(model, cfg.train, env.device)
     global_batch, accum = batch_shape(cfg.train, layout)

@@ -58,6 +58,34 @@ def test_save_load_round_trip_is_exact(tmp_path: Path):
     assert torch.equal(torch.rand(3), expected_draw[0]) and random.random() == expected_draw[1]
 
 
+def test_checkpoint_with_unflattened_optimizer_state_still_loads(tmp_path: Path):
+    """Checkpoints save the optimizer state flat (one entry a parameter, so that pipeline
+    stages keep their parameter groups); those saved before, with param_groups as one object,
+    load as they were."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from stratus.checkpoint.manager import _flat_optimizer
+
+    cfg, model, opt = _trained_pair()
+    mgr = CheckpointManager(tmp_path / "ck", CPU)
+    path = mgr.save(3, model, opt, {"step": 3, "samples_seen": 6}, {"model": cfg.model_dump()})
+    assert _flat_optimizer(path)
+    for f in [*path.glob("*.distcp"), path / ".metadata"]:
+        f.unlink()
+    model_sd, optim_sd = get_state_dict(model, opt)  # the old, unflattened layout
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, no_dist=True)
+    assert not _flat_optimizer(path)
+
+    fresh = Transformer(cfg)
+    fresh_opt = build_optimizer(fresh, TrainConfig(lr=5e-3), torch.device("cpu"))
+    mgr.load(path, fresh, fresh_opt)
+    assert [g["lr"] for g in fresh_opt.param_groups] == [g["lr"] for g in opt.param_groups]
+    for p_old, p_new in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(p_old, p_new)
+        assert torch.equal(opt.state[p_old]["exp_avg_sq"], fresh_opt.state[p_new]["exp_avg_sq"])
+
+
 def test_resumed_run_matches_uninterrupted_run_exactly(tiny_config):
     whole = train(tiny_config("whole", train__steps=8))
     first = train(tiny_config("parts", train__steps=8, train__stop_at=4))

@@ -91,19 +91,18 @@ def test_sigkill_at_random_steps_one_rank_resumes_bit_identical(reference, tiny_
     assert 0.6 * wall < parts <= wall * 1.01  # the split accounts for the wall time
 
 
-def test_sigkill_two_ranks_fsdp_resumes_bit_identical(reference, tiny_data: Path, tmp_path: Path):
+@pytest.mark.parametrize("layout", ["--parallel.dp_shard=2", "--parallel.pp=2"], ids=["fsdp", "pp"])
+def test_sigkill_two_ranks_fsdp_resumes_bit_identical(layout, reference, tiny_data: Path, tmp_path: Path):
     faults = "kill@step=3:rank=1,kill@step=6:rank=0,kill@step=9:rank=1"
     run = tmp_path / "run"
-    r = stratus(
-        *train_args(tiny_data, run, "--parallel.dp_shard=2", "--train.micro_batch=4"), faults=faults, nproc=2
-    )
+    r = stratus(*train_args(tiny_data, run, layout, "--train.micro_batch=4"), faults=faults, nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     two = curve(run)
     assert sorted(two) == list(range(1, STEPS + 1))
-    # 2 FSDP ranks reduce in another order than 1 process: the same to fp32 rounding, and the
+    # 2 ranks reduce in another order than 1 process: the same to fp32 rounding, and the
     # resumed run equals the uninterrupted 2-rank run bit for bit
     whole = tmp_path / "whole"
-    r = stratus(*train_args(tiny_data, whole, "--parallel.dp_shard=2", "--train.micro_batch=4"), nproc=2)
+    r = stratus(*train_args(tiny_data, whole, layout, "--train.micro_batch=4"), nproc=2)
     assert r.returncode == 0
     assert two == curve(whole)
     for step, (loss, _) in reference.items():
@@ -243,14 +242,18 @@ def test_nan_step_is_skipped_everywhere_and_counted(tiny_data: Path, tmp_path: P
     assert all(m["loss"] == m["loss"] for s, m in rows.items() if s != 3)  # finite again after the skip
 
 
-def test_nan_on_one_rank_is_skipped_on_every_rank(tiny_data: Path, tmp_path: Path):
-    """A NaN on rank 1 alone: rank 0, whose own loss is finite, skips the same update (the
-    mean loss and the global norm carry the NaN to it), and the ranks end in step."""
+@pytest.mark.parametrize(
+    "layout, rank", [("--parallel.dp_shard=2", 1), ("--parallel.pp=2", 0)], ids=["fsdp", "pp_first_stage"]
+)
+def test_nan_on_one_rank_is_skipped_on_every_rank(layout, rank, tiny_data: Path, tmp_path: Path):
+    """A NaN on one rank alone: the other, whose own loss is finite, skips the same update (the
+    mean loss and the global norm carry the NaN to it), and the ranks end in step. Under
+    pipelining rank 0 is the first stage, which has no loss of its own to poison."""
     run = tmp_path / "run"
     r = stratus(
-        *train_args(tiny_data, run, "--train.steps=5", "--parallel.dp_shard=2", "--train.micro_batch=4"),
+        *train_args(tiny_data, run, "--train.steps=5", layout, "--train.micro_batch=4"),
         nproc=2,
-        faults="nan@step=3:rank=1",
+        faults=f"nan@step=3:rank={rank}",
     )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {m["step"]: m for m in metrics(run)}  # rank 0 writes the metrics

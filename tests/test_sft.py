@@ -214,7 +214,7 @@ def test_sft_lowers_held_out_chat_loss_below_the_base_model(base_run: Path, chat
     assert "vocab_size = 384" in cfg and "d_model = 32" in cfg
 
 
-@pytest.mark.parametrize("layout", ["--parallel.dp_shard=2", "--parallel.tp=2"])
+@pytest.mark.parametrize("layout", ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.pp=2"])
 def test_sft_on_two_ranks_matches_one_process(layout, base_run: Path, chat_data: Path, tmp_path_factory):
     one = tmp_path_factory.getbasetemp() / "sft-one-process"
     if not (one / "metrics.jsonl").is_file():  # the same one-process run for both layouts

@@ -174,7 +174,23 @@ class ParallelConfig(Section):
         description="tensor-parallel degree (with sequence parallelism); must divide the heads, KV heads and MLP width; keep it within a node",
     )
     pp: int = Field(
-        1, ge=1, le=1, description="pipeline-parallel degree (reserved: 1 until pipelining arrives)"
+        1,
+        ge=1,
+        description="pipeline-parallel degree: stages of consecutive layers on successive groups of ranks (outermost, so across nodes)",
+    )
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev"] = Field(
+        "1f1b",
+        description="pipeline schedule (torch.distributed.pipelining): gpipe and 1f1b run one stage a rank; interleaved_1f1b and interleaved_zb (zero bubble) run parallel.pp_stages_per_rank stages a rank in a loop; zbv and dualpipev run two a rank in a V",
+    )
+    pp_microbatches: int = Field(
+        0,
+        ge=0,
+        description="micro batches per pipeline round (each of train.micro_batch sequences); 0 = all of a step's micro batches in one round, the smallest bubble",
+    )
+    pp_stages_per_rank: int = Field(
+        0,
+        ge=0,
+        description="virtual pipeline stages a rank holds; 0 = what the schedule needs (1 for gpipe and 1f1b, 2 otherwise)",
     )
     loss_parallel: bool = Field(
         False,
@@ -196,7 +212,23 @@ class ParallelConfig(Section):
     def _consistent(self) -> ParallelConfig:
         if self.dp_shard == 0:
             raise ValueError("parallel.dp_shard must be -1 (the ranks left over) or at least 1")
+        if self.pp_stages_per_rank > 1 and self.pp_schedule in ("gpipe", "1f1b"):
+            raise ValueError(
+                f"parallel.pp_schedule = {self.pp_schedule} runs one stage a rank: set "
+                "parallel.pp_stages_per_rank = 1, or choose interleaved_1f1b or interleaved_zb"
+            )
+        if self.pp_stages_per_rank not in (0, 2) and self.pp_schedule in ("zbv", "dualpipev"):
+            raise ValueError(
+                f"parallel.pp_schedule = {self.pp_schedule} runs exactly two stages a rank (a V): "
+                "set parallel.pp_stages_per_rank = 2 or 0"
+            )
         return self
+
+    @property
+    def stages_per_rank(self) -> int:
+        if self.pp_stages_per_rank:
+            return self.pp_stages_per_rank
+        return 1 if self.pp_schedule in ("gpipe", "1f1b") else 2
 
 
 class CheckpointConfig(Section):

@@ -28,6 +28,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_state_dict,
@@ -142,7 +143,7 @@ class CheckpointManager:
                 shutil.rmtree(pending.tmp, ignore_errors=True)
                 (pending.tmp / "rng").mkdir(parents=True)
             barrier(env)
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=FLAT)
             state = {"model": model_sd, "optim": optim_sd}
             torch.save(get_rng_state(), pending.tmp / "rng" / f"rank-{env.rank:05d}.pt")
             with _one_process_ok():
@@ -267,11 +268,18 @@ class CheckpointManager:
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Loaded:
         """Restore model, optimizer and this rank's RNG from a verified checkpoint."""
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        options = FLAT if _flat_optimizer(path) else None
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
         state = {"model": model_sd, "optim": optim_sd}
         with _one_process_ok():
             dcp.load(state, checkpoint_id=path, no_dist=_no_dist(self.env))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=options,
+        )
         rng = path / "rng" / f"rank-{self.env.rank:05d}.pt"
         if rng.exists():
             set_rng_state(torch.load(rng, weights_only=False))
@@ -281,6 +289,19 @@ class CheckpointManager:
             )
         trainer = json.loads((path / "trainer.json").read_text())
         return Loaded(step=int(trainer["step"]), path=path, trainer=trainer)
+
+
+# The optimizer's state and hyperparameters keyed by parameter name, one entry a parameter.
+# Unflattened, param_groups is one object that DCP keeps from rank 0 alone: under pipeline
+# parallelism rank 0 holds only the first stage's parameters, and the other stages lose their
+# groups' hyperparameters on load (torchtitan saves flat for the same reason).
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _flat_optimizer(path: Path) -> bool:
+    """Whether a checkpoint's optimizer state is flat (saved by stratus 0.2 and later)."""
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return "optim.param_groups.0.params" not in keys  # unflattened groups are numbered
 
 
 def _reason(error: BaseException) -> str:

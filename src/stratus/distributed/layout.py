@@ -15,6 +15,8 @@ class Layout:
     dp_replicate: int
     dp_shard: int
     tp: int
+    pp: int = 1
+    stages_per_rank: int = 1  # virtual pipeline stages a rank holds
 
     @property
     def dp(self) -> int:
@@ -23,29 +25,41 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp
+        return self.pp * self.dp * self.tp
+
+    @property
+    def stages(self) -> int:
+        return self.pp * self.stages_per_rank if self.pp > 1 else 1
 
     def dp_rank(self, rank: int) -> int:
-        """The mesh is (dp_replicate, dp_shard, tp), tp innermost: tp ranks of a group are
-        neighbours (one node) and read the same samples."""
-        return rank // self.tp
+        """The mesh is (pp, dp_replicate, dp_shard, tp), tp innermost: tp ranks of a group are
+        neighbours (one node) and read the same samples, and so do a pipeline's stages."""
+        return rank % (self.dp * self.tp) // self.tp
+
+    def pp_rank(self, rank: int) -> int:
+        return rank // (self.dp * self.tp)
 
     def describe(self) -> str:
-        return f"dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard} x tp {self.tp}"
+        pp = f"pp {self.pp} x " if self.pp > 1 else ""
+        return f"{pp}dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard} x tp {self.tp}"
 
 
 def resolve_layout(pc: ParallelConfig, world_size: int, model: ModelConfig) -> Layout:
     """Fill in dp_shard = -1 and check the layout against the job's ranks and the model."""
-    fixed = pc.dp_replicate * pc.tp
+    fixed = pc.pp * pc.dp_replicate * pc.tp
+    v = pc.stages_per_rank if pc.pp > 1 else 1
     if pc.dp_shard == -1:
         if world_size % fixed:
+            named = [("parallel.pp", pc.pp)] if pc.pp > 1 else []
+            named += [("parallel.dp_replicate", pc.dp_replicate), ("parallel.tp", pc.tp)]
             raise StratusError(
-                f"parallel.dp_replicate x parallel.tp = {pc.dp_replicate} x {pc.tp} = {fixed} does not "
-                f"divide the job's {world_size} ranks: choose degrees whose product divides the world size"
+                f"{' x '.join(k for k, _ in named)} = {' x '.join(str(v) for _, v in named)} = {fixed} "
+                f"does not divide the job's {world_size} ranks: choose degrees whose product divides "
+                "the world size"
             )
-        layout = Layout(pc.dp_replicate, world_size // fixed, pc.tp)
+        layout = Layout(pc.dp_replicate, world_size // fixed, pc.tp, pc.pp, v)
     else:
-        layout = Layout(pc.dp_replicate, pc.dp_shard, pc.tp)
+        layout = Layout(pc.dp_replicate, pc.dp_shard, pc.tp, pc.pp, v)
     if layout.world_size != world_size:
         raise StratusError(
             f"parallel layout {layout.describe()} = {layout.world_size} ranks, but the job has {world_size}: "
@@ -60,4 +74,46 @@ def resolve_layout(pc: ParallelConfig, world_size: int, model: ModelConfig) -> L
             raise StratusError(f"parallel.tp ({layout.tp}) must divide {what} ({n})")
     if pc.loss_parallel and layout.tp == 1:
         raise StratusError("parallel.loss_parallel needs parallel.tp > 1")
+    if layout.pp > 1:
+        _check_pipeline(layout, pc, model)
     return layout
+
+
+def _check_pipeline(layout: Layout, pc: ParallelConfig, model: ModelConfig) -> None:
+    if model.n_layers < layout.stages:
+        raise StratusError(
+            f"{layout.stages} pipeline stages (parallel.pp {layout.pp} x {layout.stages_per_rank} a rank) "
+            f"need at least as many layers, and the model has {model.n_layers}: lower parallel.pp or "
+            "parallel.pp_stages_per_rank"
+        )
+    if model.tie_embeddings:
+        raise StratusError(
+            "model.tie_embeddings shares one matrix between the first and the last pipeline stage, "
+            "which live on different ranks: set model.tie_embeddings = false, or parallel.pp = 1"
+        )
+
+
+def pipeline_rounds(layout: Layout, pc: ParallelConfig, accum: int) -> tuple[int, int]:
+    """(micro batches per pipeline round, rounds per step): the step's `accum` micro batches
+    go through the pipeline in rounds of parallel.pp_microbatches."""
+    if layout.pp == 1:
+        return 1, accum
+    per_round = pc.pp_microbatches or accum
+    if accum % per_round:
+        raise StratusError(
+            f"parallel.pp_microbatches ({per_round}) must divide the {accum} micro batches each "
+            "data-parallel rank runs a step (train.global_batch / (train.micro_batch x data-parallel ranks))"
+        )
+    if pc.pp_schedule in ("1f1b", "dualpipev") and per_round < layout.stages:
+        raise StratusError(
+            f"parallel.pp_schedule = {pc.pp_schedule} needs at least as many micro batches a round as "
+            f"stages ({layout.stages}), and a round has {per_round}: lower train.micro_batch or raise "
+            "train.global_batch (or parallel.pp_microbatches)"
+        )
+    if pc.pp_schedule.startswith("interleaved") and per_round % layout.pp:
+        raise StratusError(
+            f"parallel.pp_schedule = {pc.pp_schedule} runs its micro batches in groups of parallel.pp "
+            f"({layout.pp}), and a round has {per_round}: make it a multiple (train.global_batch, "
+            "train.micro_batch or parallel.pp_microbatches)"
+        )
+    return per_round, accum // per_round

@@ -38,11 +38,12 @@ _SAVE = {
 
 
 def build_mesh(layout: Layout, device_type: str) -> DeviceMesh:
-    mesh = init_device_mesh(
-        device_type,
-        (layout.dp_replicate, layout.dp_shard, layout.tp),
-        mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
-    )
+    """(pp, dp_replicate, dp_shard, tp), pp outermost (across nodes: it sends only
+    activations between neighbours) and tp innermost (within a node)."""
+    shape, names = (layout.dp_replicate, layout.dp_shard, layout.tp), ("dp_replicate", "dp_shard", "tp")
+    if layout.pp > 1:
+        shape, names = (layout.pp, *shape), ("pp", *names)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
     if layout.dp_shard > 1 and layout.tp > 1:
         # The gradient norm of FSDP x TP parameters is partial over both dimensions: with the
         # pair flattened DTensor reduces it in one all-reduce, not two in a row (found by the
@@ -59,7 +60,7 @@ def parallelize(
     compile_blocks: bool = False,
     param_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Shard the model over the mesh in place and return it."""
+    """Shard the model (or a pipeline stage's part of it) over the mesh in place and return it."""
     if layout.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], pc.loss_parallel)
     if pc.activation_checkpoint != "none":
@@ -69,25 +70,25 @@ def parallelize(
             block.compile()
     if layout.dp > 1:
         dims = ("dp_replicate", "dp_shard") if layout.dp_replicate > 1 else ("dp_shard",)
-        apply_fsdp(model, mesh[dims], param_dtype)
+        apply_fsdp(model, mesh[dims], param_dtype, pipelined=layout.pp > 1)
     return model
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
-    tied = model.output.weight is model.tok_embeddings.weight
-    parallelize_module(
-        model,
-        tp_mesh,
-        {
-            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-            "norm": SequenceParallel(),
-            "output": ColwiseParallel(
-                input_layouts=Shard(1),
-                output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                use_local_output=not loss_parallel,
-            ),
-        },
-    )
+    # a pipeline stage may hold neither end of the model (None): plan only what it has
+    ends = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(
+            input_layouts=Shard(1),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        ),
+    }
+    present = {name: plan for name, plan in ends.items() if getattr(model, name) is not None}
+    tied = model.output is not None and model.output.weight is getattr(model.tok_embeddings, "weight", None)
+    if present:
+        parallelize_module(model, tp_mesh, present)
     if tied:  # both weights are sharded along the vocabulary: share the one DTensor again
         model.output.weight = model.tok_embeddings.weight
     # Attention is called as attention(x, cos, sin, cache, layer, start, mask): only x is sharded.
@@ -136,10 +137,14 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
             )
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None) -> None:
+def apply_fsdp(
+    model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None, pipelined: bool = False
+) -> None:
     """FSDP2 per block, then the root (embeddings, final norm, output). With bf16 parameters
-    the gradients are still reduced in fp32."""
+    the gradients are still reduced in fp32. Under pipelining a stage runs forward once per
+    micro batch before their backwards: its blocks keep their parameters gathered between
+    them rather than all-gather them again for every micro batch (torchtitan's default)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for block in model.layers.values():
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=not pipelined)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=not pipelined)

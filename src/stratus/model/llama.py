@@ -57,6 +57,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (b, heads, t, hd)
         k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (b, kv_heads, t, hd)
         v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if cos.dim() == 2:  # the table from this call's first position on
+            cos, sin = cos[:t], sin[:t]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         causal = mask is None
@@ -146,12 +148,14 @@ class Transformer(nn.Module):
         positions start..start+T-1 and their keys/values are appended to it. With doc
         (batch, T), the document each token belongs to in a packed row: a token attends only
         within its document, and positions restart at each document's first token."""
-        t = tokens.shape[1]
         mask = None
         if doc is None:
-            cos = self.rope_cos[start : start + t]
-            sin = self.rope_sin[start : start + t]
+            # The attention cuts the table to its sequence length: the hidden states a later
+            # pipeline stage takes in may be a sequence-parallel shard, shorter than the
+            # sequence attention sees.
+            cos, sin = self.rope_cos[start:], self.rope_sin[start:]
         else:
+            t = doc.shape[1]
             idx = torch.arange(t, device=tokens.device)
             first = torch.ones_like(doc, dtype=torch.bool)
             first[:, 1:] = doc[:, 1:] != doc[:, :-1]
@@ -159,10 +163,12 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
             same = doc[:, :, None] == doc[:, None, :]
             mask = (same & (idx[:, None] >= idx[None, :])).unsqueeze(1)
-        h = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.layers.values()):
-            h = layer(h, cos, sin, cache, i, start, mask)
-        return self.output(self.norm(h))
+        # A part of the model (a pipeline stage: distributed/ sets the parts it does not own to
+        # None) takes and gives the hidden states in their place.
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for i, layer in self.layers.items():
+            h = layer(h, cos, sin, cache, int(i), start, mask)
+        return self.output(self.norm(h)) if self.output is not None else h
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.output.weight

@@ -213,6 +213,11 @@ class Report:
 def dry_run(cfg: Config, world_size: int, gpu: Gpu, steps: int = 2, label: str = "") -> Report:
     started = time.perf_counter()
     layout = resolve_layout(cfg.parallel, world_size, cfg.model)
+    if layout.pp > 1:
+        raise StratusError(
+            "the dry run does not model pipeline parallelism yet: dry-run the layout with "
+            "parallel.pp = 1, or train it on real ranks"
+        )
     if steps < 1:
         raise StratusError(f"--steps must be at least 1 (got {steps})")
     cfg, notes = _resolve_vocab(cfg)
@@ -319,7 +324,7 @@ def measure(
     tc, cpu = cfg.train, torch.device("cpu")
     dtype_name = "float32" if tc.dtype == "float32" else "bfloat16"  # a dry run is of a GPU
     _, autocast, param_dtype = precision(dtype_name, cpu, layout)
-    model = sharded_model(cfg, layout, mesh, cpu, "meta", param_dtype)
+    model = sharded_model(cfg, layout, mesh, cpu, "meta", param_dtype, rank).model
     # DTensor works out output placements by running each op on whole-tensor fakes, in
     # the active fake mode if there is one. The tracker and the census skip ops of any
     # mode but the one they were entered in, so DTensor gets a fake mode of its own here;

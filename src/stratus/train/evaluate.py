@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor
 from stratus.data.loader import Sampler
 from stratus.data.packing import IGNORE
 from stratus.distributed.env import DistEnv
+from stratus.distributed.pipeline import Pipeline
 
 log = logging.getLogger("stratus.train")
 
@@ -30,33 +31,54 @@ def validation_loss(
     dp_size: int = 1,
     autocast: contextlib.AbstractContextManager | None = None,
     loss_context=contextlib.nullcontext,
+    pipeline: Pipeline | None = None,
 ) -> tuple[float, int]:
     """Mean next-token loss (nats) over the first `batches` x micro_batch windows of the split
-    (fewer if the split is smaller), and the number of tokens it covered."""
+    (fewer if the split is smaller), and the number of tokens it covered. Under pipeline
+    parallelism a forward is a round of the pipeline's micro batches, and only the last
+    stage counts."""
     was_training = model.training
     model.eval()
     n = min(batches * micro_batch, sampler.n_windows)
-    n_batches = -(-n // micro_batch)
+    rows = micro_batch * (pipeline.microbatches if pipeline else 1)  # windows a forward
+    n_batches = -(-n // rows)
     total = torch.zeros(2, dtype=torch.float64, device=env.device)  # (loss sum, tokens)
     # Every rank runs the same number of forward passes (FSDP and TP all-gather inside
     # them); a rank with no batch left in the last round repeats batch 0 and ignores it.
     for round_ in range(-(-n_batches // dp_size)):
         b = round_ * dp_size + dp_rank
-        first = (b if b < n_batches else 0) * micro_batch
-        x, y, *doc = (t.to(env.device) for t in sampler.batch(first, min(micro_batch, n - first)))
-        with loss_context():
-            with autocast or contextlib.nullcontext():
-                logits = model(x, doc=doc[0]) if doc else model(x)
-            loss_sum = F.cross_entropy(
-                logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=IGNORE
-            )
-        if b < n_batches:
+        first = (b if b < n_batches else 0) * rows
+        x, y, *doc = (t.to(env.device) for t in sampler.batch(first, min(rows, n - first)))
+        with loss_context(), autocast or contextlib.nullcontext():
+            if pipeline is None:
+                loss_sum = _loss_sum(model(x, doc=doc[0]) if doc else model(x), y)
+            else:
+                loss_sum = _pipelined_loss_sum(pipeline, rows, x, y, doc[0] if doc else None)
+        if b < n_batches and loss_sum is not None:
             total[0] += (loss_sum.full_tensor() if isinstance(loss_sum, DTensor) else loss_sum).double()
             total[1] += (y != IGNORE).sum()
     if env.distributed:
         dist.all_reduce(total)
     model.train(was_training)
     return (total[0] / total[1]).item(), int(total[1].item())
+
+
+def _loss_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=IGNORE)
+
+
+def _pipelined_loss_sum(
+    pipeline: Pipeline, rows: int, x: torch.Tensor, y: torch.Tensor, doc: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The loss sum of one pipeline round on the last stage (None on the others). A short
+    last batch is filled up to the round's size with rows whose targets are ignored."""
+    if (pad := rows - x.shape[0]) > 0:
+        x = torch.cat([x, x[:1].expand(pad, -1)])
+        y = torch.cat([y, torch.full_like(y[:1], IGNORE).expand(pad, -1)])
+        doc = torch.cat([doc, doc[:1].expand(pad, -1)]) if doc is not None else None
+    pipeline.loss = _loss_sum
+    losses = pipeline.run(x, y, doc, train=False)
+    return sum(losses[1:], losses[0]) if losses else None
 
 
 def perplexity(loss: float) -> float:
@@ -138,6 +160,7 @@ class Validator:
             job.layout.dp,
             job.autocast,
             job.loss_context,
+            job.pipeline,
         )
         ppl = perplexity(self.val_loss)
         log.info(f"step {step} | validation loss {self.val_loss:.4f} | perplexity {ppl:.2f} | {n} tokens")

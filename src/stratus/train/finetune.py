@@ -95,8 +95,18 @@ def load_initial(model: nn.Module, cfg: Config, env: DistEnv) -> None:
             trained.model.cfg.vocab_size,
             cfg.model.vocab_size,
         )
-    options = StateDictOptions(
-        full_state_dict=True, broadcast_from_rank0=env.distributed, strict=not cfg.model.tie_embeddings
-    )
+    # A pipeline stage's model holds only its own layers: the other stages' weights are
+    # expected extras there. Every weight the model does have must be filled.
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.distributed, strict=False)
     with torch.no_grad():
-        set_model_state_dict(model, state if env.is_main or not env.distributed else {}, options=options)
+        keys = set_model_state_dict(
+            model, state if env.is_main or not env.distributed else {}, options=options
+        )
+    tied = {"output.weight"} if cfg.model.tie_embeddings else set()
+    missing = sorted(set(keys.missing_keys) - tied)
+    extra = sorted(keys.unexpected_keys) if cfg.parallel.pp == 1 else []
+    if missing or extra:
+        raise StratusError(
+            f"train.init_from = {cfg.train.init_from} does not fit the model: missing {missing[:4]}, "
+            f"unexpected {extra[:4]}; initialize from a run of the same model shape"
+        )

@@ -39,8 +39,8 @@ from stratus.train.console import StepProgress
 from stratus.train.evaluate import Validator
 from stratus.train.metrics import MetricsWriter, Throughput, run_facts
 from stratus.train.readings import Reading, Unread
-from stratus.train.setup import Job, build_job
-from stratus.train.step import clip, forward_backward, update
+from stratus.train.setup import Job, build_job, check_job
+from stratus.train.step import clip, forward_backward, pipelined_forward_backward, update
 from stratus.train.trackers import check_trackers
 
 log = logging.getLogger("stratus.train")
@@ -60,6 +60,7 @@ class Summary:
 def train(cfg: Config) -> Summary:
     # Checked on every rank before any collective: a bad layout fails fast everywhere.
     layout = resolve_layout(cfg.parallel, int(os.environ.get("WORLD_SIZE", 1)), cfg.model)
+    check_job(cfg, layout)
     check_trackers(cfg.log.trackers)
     # Watch from the start: a rank can also hang while joining the group (gloo and NCCL
     # set-up can wait on a peer that died), loading or restoring.
@@ -217,11 +218,24 @@ class Trainer:
         poison = self.faults.poison(step)
         # the step's loss is the mean over all it trains on (tokens, or pairs), on all ranks
         scale = job.layout.dp / max(1, job.sampler.targets(self.samples_seen, job.global_batch))
+        pipe = job.pipeline
         with self.stragglers.timing():  # this rank's own compute, for the straggler check
-            loss, stats = forward_backward(
-                job.model, batches, job.accum, job.autocast, job.loss_context, poison, scale, job.objective
-            )
-        return loss, stats, clip(job.model, tc.grad_clip)
+            if pipe is not None:
+                loss, stats = pipelined_forward_backward(
+                    pipe, batches, job.autocast, job.loss_context, poison, scale
+                )
+            else:
+                loss, stats = forward_backward(
+                    job.model,
+                    batches,
+                    job.accum,
+                    job.autocast,
+                    job.loss_context,
+                    poison,
+                    scale,
+                    job.objective,
+                )
+        return loss, stats, clip(job.model, tc.grad_clip, pipe.group if pipe else None)
 
     # --- anomalies and checkpoints -----------------------------------------------------------
 

@@ -28,8 +28,10 @@ from stratus.data.packing import ChatSampler, PairSampler
 from stratus.data.tokenizer import load_tokenizer
 from stratus.data.verify import ShardVerifier
 from stratus.distributed import env as denv
-from stratus.distributed.layout import Layout
+from stratus.distributed.layout import Layout, pipeline_rounds
 from stratus.distributed.parallelize import build_mesh, parallelize
+from stratus.distributed.pipeline import V_SHAPED, Parts, Pipeline, build_pipeline, split_model
+from stratus.distributed.pipeline import describe as describe_pipeline
 from stratus.errors import StratusError
 from stratus.model import Transformer
 from stratus.train.console import setup_logging, use_rich
@@ -64,6 +66,7 @@ class Job:
     console: Any
     rich: bool
     objective: Any = TOKEN_LOSS  # what a micro batch's loss is (step.TokenLoss, dpo.DPOLoss)
+    pipeline: Pipeline | None = None  # the schedule over this rank's stages, when parallel.pp > 1
 
     @property
     def dp_rank(self) -> int:
@@ -172,6 +175,26 @@ def batch_shape(tc: TrainConfig, layout: Layout) -> tuple[int, int]:
     return global_batch, global_batch // (tc.micro_batch * dp)
 
 
+def check_job(cfg: Config, layout: Layout) -> None:
+    """What the layout asks of the rest of the config, checked on every rank before anything
+    is written or joined."""
+    _, accum = batch_shape(cfg.train, layout)
+    if layout.pp == 1:
+        return
+    pipeline_rounds(layout, cfg.parallel, accum)
+    if cfg.parallel.pp_schedule in V_SHAPED and cfg.eval.interval:
+        # torch 2.13's V schedules run their backward actions in eval() too, and fail
+        raise StratusError(
+            f"parallel.pp_schedule = {cfg.parallel.pp_schedule} cannot run validation (torch's V "
+            "schedules have no forward-only mode): set eval.interval = 0, or choose interleaved_zb"
+        )
+    if cfg.train.objective == "dpo":
+        raise StratusError(
+            "train.objective = dpo does not run under pipeline parallelism yet (its loss needs both "
+            "sequences of a pair at once): set parallel.pp = 1"
+        )
+
+
 def precision(
     dtype_name: str, device: torch.device, layout: Layout
 ) -> tuple[torch.dtype, contextlib.AbstractContextManager, torch.dtype | None]:
@@ -198,24 +221,48 @@ def sharded_model(
     device: torch.device,
     init: str,
     param_dtype: torch.dtype | None,
-) -> nn.Module:
-    """The model, parallelized over the mesh: on the meta device (shapes only) with init
-    "meta", else initialized in full on the device (the same seed on every rank gives the
-    same weights)."""
+    rank: int = 0,
+) -> Parts:
+    """This rank's part of the model (all of it without pipelining), parallelized over the
+    mesh: on the meta device (shapes only) with init "meta", else initialized in full on the
+    device (the same seed on every rank gives the same weights in every layout)."""
     with torch.device("meta" if init == "meta" else device):
         model = Transformer(cfg.model)
-    parallelize(model, mesh, layout, cfg.parallel, cfg.train.compile, param_dtype)
-    return model
+    pc = cfg.parallel
+    parts = split_model(model, layout, layout.pp_rank(rank), pc.pp_schedule)
+    for module in parts.stage_modules:
+        parallelize(module, mesh, layout, pc, cfg.train.compile, param_dtype)
+        if module is not model:  # a stage's view: blocks it wrapped (checkpointing) are the model's too
+            for name, block in module.layers.items():
+                model.layers[name] = block
+    return parts
 
 
-def materialize(model: nn.Module, device: torch.device, seed: int, rank: int, layout: Layout) -> None:
-    """Allocate only this rank's shards of a meta model, then initialize them in place."""
-    model.to_empty(device=device)
+def materialize(
+    model: nn.Module, device: torch.device, seed: int, rank: int, layout: Layout, views: list | None = None
+) -> None:
+    """Allocate only this rank's shards of a meta model, then initialize them in place.
+
+    With pipeline stage views (several stages a rank) FSDP's roots are the views: each is
+    allocated through its own root, so that FSDP re-points its shards, and the views then
+    share the model's RoPE tables again."""
+    views = [v for v in views or [] if v is not model]
+    if views:
+        for view in views:
+            view.to_empty(device=device)
+        for name in ("rope_cos", "rope_sin"):
+            setattr(model, name, torch.empty_like(getattr(model, name), device=device))
+    else:
+        model.to_empty(device=device)
     # Each shard draws its own numbers, and replicas (HSDP) draw the same ones: seed by
-    # the position inside the replica group. (DTensor's own offset-based RNG covers CUDA
-    # only; on other devices every shard would otherwise repeat the same values.)
-    torch.manual_seed(seed + 1 + rank % (layout.dp_shard * layout.tp))
+    # the position inside the replica group, and pipeline stages apart. (DTensor's own
+    # offset-based RNG covers CUDA only; on other devices every shard would otherwise
+    # repeat the same values.)
+    group = layout.dp_shard * layout.tp
+    torch.manual_seed(seed + 1 + layout.pp_rank(rank) * group + rank % group)
     model.init_weights()
+    for view in views:
+        view.rope_cos, view.rope_sin = model.rope_cos, model.rope_sin
 
 
 def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
@@ -269,12 +316,20 @@ def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
     if init == "auto":
         init = "meta" if device.type == "cuda" and env.world_size > 1 else "full"
     mesh = build_mesh(layout, device.type) if env.world_size > 1 else None
-    model = sharded_model(cfg, layout, mesh, device, init, param_dtype)
+    parts = sharded_model(cfg, layout, mesh, device, init, param_dtype, env.rank)
+    model = parts.model
     if init == "meta":
-        materialize(model, device, tc.seed, env.rank, layout)
+        materialize(model, device, tc.seed, env.rank, layout, parts.stage_modules)
     if tc.init_from and not found:
         load_initial(model, cfg, env)  # a resumed run has weights of its own
     optimizer = build_optimizer(model, tc, device)
+    pipe = None
+    if layout.pp > 1:
+        per_round, _ = pipeline_rounds(layout, cfg.parallel, accum)
+        pipe = build_pipeline(
+            parts, layout, mesh["pp"].get_group(), device, cfg.parallel.pp_schedule, per_round
+        )
+        log.info("pipeline: %s, schedule %s", describe_pipeline(parts), cfg.parallel.pp_schedule)
     job = Job(
         cfg=cfg,
         env=env,
@@ -296,6 +351,7 @@ def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
         loss_context=loss_parallel if cfg.parallel.loss_parallel else contextlib.nullcontext,
         console=console,
         rich=rich,
+        pipeline=pipe,
     )
     if tc.objective == "dpo":
         # the reference is the model as it starts, before any update: computed once, then

@@ -11,12 +11,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate
 
 from stratus.data.packing import IGNORE
+from stratus.distributed.pipeline import Pipeline
 
 
 class TokenLoss:
@@ -78,7 +80,47 @@ def forward_backward(
     return loss_sum, (stats_sum if stats_sum is not None else loss_sum.new_zeros(0))
 
 
-def clip(model: nn.Module, max_norm: float) -> torch.Tensor:
+def pipelined_forward_backward(
+    pipe: Pipeline,
+    batches: Iterable[tuple[torch.Tensor, ...]],
+    autocast: contextlib.AbstractContextManager,
+    loss_context: Callable[[], Any],
+    poison: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """forward_backward's contract under pipeline parallelism: the micro batches go through
+    the schedule in rounds of pipe.microbatches, and the last stage sums their token losses
+    times `scale`, so the gradients are those of forward_backward. Only the last stage has a
+    loss: it returns its share times the pipeline's depth and the other stages zero, so that
+    the mean over all ranks is the step's loss with no collective of its own."""
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        summed = (
+            F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=IGNORE)
+            * scale
+        )
+        return summed * float("nan") if poison else summed
+
+    pipe.loss = loss
+    total, group = None, []
+    for batch in batches:
+        group.append(batch)
+        if len(group) < pipe.microbatches:
+            continue
+        x, y, *doc = (torch.cat(parts) for parts in zip(*group, strict=True))
+        group = []
+        with loss_context(), autocast:
+            for part in pipe.run(x, y, doc[0] if doc else None, train=True):
+                part = local(part.detach())
+                total = part if total is None else total + part
+    device = pipe.stages[0].device
+    share = total * dist.get_world_size(pipe.group) if total is not None else torch.zeros((), device=device)
+    if poison:  # a stage without the loss still makes the step's loss, and so its update, NaN
+        share = share * float("nan")
+    return share, share.new_zeros(0)
+
+
+def clip(model: nn.Module, max_norm: float, pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """The global gradient norm before clipping (over every shard: FSDP's and TP's DTensor
     gradients reduce to one norm), as a device tensor.
 
@@ -86,13 +128,23 @@ def clip(model: nn.Module, max_norm: float) -> torch.Tensor:
     each rank's sum over its own part of the sequence. They are summed here, before the norm
     and the update read them. torch 2.9 takes the norm of a partial gradient wrongly, so the
     clip scale was off and a tp 2 run trained its norms apart from one process; torch 2.13
-    sums them itself, and the dry run counts the same all-reduces with this as without."""
+    sums them itself, and the dry run counts the same all-reduces with this as without.
+
+    Under pipeline parallelism each rank holds some stages' gradients: their squared norms
+    are summed over the pipeline (pp_group) so that every stage clips by the one global norm."""
     for p in model.parameters():
         g = p.grad
         if isinstance(g, DTensor) and any(x.is_partial() for x in g.placements):
             summed = [Replicate() if x.is_partial() else x for x in g.placements]
             p.grad = g.redistribute(g.device_mesh, summed)
-    return local(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf))
+    if pp_group is None:
+        return local(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf))
+    params = [p for p in model.parameters() if p.grad is not None]
+    squared = local(torch.nn.utils.get_total_norm([p.grad for p in params])) ** 2
+    dist.all_reduce(squared, group=pp_group)
+    norm = squared.sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm or math.inf, norm)
+    return norm
 
 
 def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, norm: torch.Tensor) -> None:

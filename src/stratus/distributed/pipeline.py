@@ -1,0 +1,157 @@
+"""Pipeline parallelism with torch.distributed.pipelining, applied to the unchanged model.
+
+Stages are runs of consecutive layers; the first also holds the token embedding, the last
+the final norm and the output projection. A rank keeps one model (`Transformer` with the
+layers of its stages only, and None for the parts it does not own), so parameter names are
+the whole model's (`layers.7.attention.wq.weight` on whichever rank holds layer 7): DCP
+checkpoints reshard between pipeline layouts by name, and the optimizer, the clip and the
+checkpoint see one module as without pipelining. With several stages a rank (interleaved
+and V schedules) each stage runs a view of that model holding its own layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+
+from stratus.distributed.layout import Layout
+from stratus.errors import StratusError
+from stratus.model import Transformer
+
+# parallel.pp_schedule -> the name torch.distributed.pipelining knows it by
+SCHEDULES = {
+    "gpipe": "GPipe",
+    "1f1b": "1F1B",
+    "interleaved_1f1b": "Interleaved1F1B",
+    "interleaved_zb": "InterleavedZeroBubble",
+    "zbv": "ZBVZeroBubble",
+    "dualpipev": "DualPipeV",
+}
+V_SHAPED = ("zbv", "dualpipev")  # rank r holds stages r and 2 pp - 1 - r
+
+
+def split_layers(n_layers: int, stages: int) -> list[list[int]]:
+    """Consecutive layers per stage, as even as the count allows. Extra layers go to the
+    middle stages first, then the first: the last stage also computes the output projection
+    and the loss, the largest single matmul at a 128k vocabulary."""
+    base, extra = divmod(n_layers, stages)
+    sizes = [base] * stages
+    for s in ([*range(1, stages - 1), 0, stages - 1] if stages > 1 else [0])[:extra]:
+        sizes[s] += 1
+    bounds = [sum(sizes[:s]) for s in range(stages + 1)]
+    return [list(range(bounds[s], bounds[s + 1])) for s in range(stages)]
+
+
+def rank_stages(layout: Layout, pp_rank: int, schedule: str) -> list[int]:
+    """The stage indices a pipeline rank runs: a loop (r, r + pp, ...) or a V (r, 2 pp - 1 - r)."""
+    if schedule in V_SHAPED:
+        return [pp_rank, 2 * layout.pp - 1 - pp_rank]
+    return [pp_rank + k * layout.pp for k in range(layout.stages_per_rank)]
+
+
+@dataclass
+class Parts:
+    """This rank's model (only its stages' parameters) and the module each stage runs."""
+
+    model: Transformer
+    stage_ids: list[int]
+    stage_modules: list[Transformer]
+    layers: list[list[int]]  # every stage's layers, for the report
+
+
+def split_model(model: Transformer, layout: Layout, pp_rank: int, schedule: str) -> Parts:
+    """Keep the parts of `model` this rank's stages own (in place) and return them."""
+    layers = split_layers(model.cfg.n_layers, layout.stages)
+    if layout.pp == 1:
+        return Parts(model, [0], [model], layers)
+    ids = rank_stages(layout, pp_rank, schedule)
+    last = layout.stages - 1
+    mine = {str(i) for s in ids for i in layers[s]}
+    for name in [n for n in model.layers if n not in mine]:
+        del model.layers[name]
+    if 0 not in ids:
+        model.tok_embeddings = None
+    if last not in ids:
+        model.norm, model.output = None, None
+    if len(ids) == 1:
+        return Parts(model, ids, [model], layers)
+    views = [_stage_view(model, layers[s], s == 0, s == last) for s in ids]
+    return Parts(model, ids, views, layers)
+
+
+def _stage_view(model: Transformer, layers: list[int], first: bool, last: bool) -> Transformer:
+    """A Transformer over some of `model`'s own submodules (shared, not copied)."""
+    view = Transformer.__new__(Transformer)
+    nn.Module.__init__(view)
+    view.cfg = model.cfg
+    view.tok_embeddings = model.tok_embeddings if first else None
+    view.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layers})
+    view.norm = model.norm if last else None
+    view.output = model.output if last else None
+    view.register_buffer("rope_cos", model.rope_cos, persistent=False)
+    view.register_buffer("rope_sin", model.rope_sin, persistent=False)
+    return view
+
+
+@dataclass
+class Pipeline:
+    """The schedule over this rank's stages. `loss` is what the last stage computes from a
+    micro batch's output and targets; the trainer sets it before each round."""
+
+    schedule: object
+    stages: list[PipelineStage]
+    group: dist.ProcessGroup
+    microbatches: int  # a round's
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = field(default=None)
+
+    def run(self, x: torch.Tensor, y: torch.Tensor, doc: torch.Tensor | None, train: bool) -> list:
+        """One round: the batch is cut into the schedule's micro batches along dim 0. Returns
+        the last stage's per-micro-batch losses (empty on other ranks)."""
+        losses: list = []
+        kwargs = {"doc": doc} if doc is not None else {}
+        if train:
+            self.schedule.step(x, target=y, losses=losses, **kwargs)
+        else:
+            self.schedule.eval(x, target=y, losses=losses, **kwargs)
+        return losses
+
+
+def build_pipeline(
+    parts: Parts,
+    layout: Layout,
+    pp_group: dist.ProcessGroup,
+    device: torch.device,
+    schedule: str,
+    microbatches: int,
+) -> Pipeline:
+    try:
+        cls = get_schedule_class(SCHEDULES[schedule])
+    except ValueError as e:  # an older torch without this schedule
+        raise StratusError(
+            f"parallel.pp_schedule = {schedule}: this torch ({torch.__version__}) has no such schedule ({e})"
+        ) from None
+    stages = [
+        PipelineStage(module, s, layout.stages, device, group=pp_group)
+        for s, module in zip(parts.stage_ids, parts.stage_modules, strict=True)
+    ]
+    pipe = Pipeline(None, stages, pp_group, microbatches)
+    # Sums, not means: the trainer's loss already carries the step's normalization, so the
+    # micro batches' gradients add up as gradient accumulation's do without pipelining.
+    kwargs = dict(loss_fn=lambda out, y: pipe.loss(out, y), scale_grads=False)
+    if issubclass(cls, PipelineScheduleSingle):
+        pipe.schedule = cls(stages[0], microbatches, **kwargs)
+    else:
+        pipe.schedule = cls(stages, microbatches, **kwargs)
+    return pipe
+
+
+def describe(parts: Parts) -> str:
+    sizes = [len(x) for x in parts.layers]
+    uneven = " (uneven)" if len(set(sizes)) > 1 else ""
+    return f"{len(sizes)} stages of {sizes} layers{uneven}; this rank runs stages {parts.stage_ids}"
