@@ -104,9 +104,9 @@ def main() -> None:
 
 
 def _params(cfg: ModelConfig) -> int:
-    from stratus.model import param_count
+    from stratus.counts import param_count, shape_of
 
-    return param_count(cfg)
+    return param_count(shape_of(cfg))
 
 
 if __name__ == "__main__":

@@ -51,11 +51,11 @@ def worker(args: list[str], steps: int, compile_blocks: bool) -> None:
     """On every rank under torchrun: timed optimizer steps of the config; rank 0 prints one JSON line."""
     import torch
 
+    from stratus import counts
     from stratus.config import load_config, parse_overrides
     from stratus.distributed import env as denv
     from stratus.distributed.layout import resolve_layout
     from stratus.distributed.parallelize import build_mesh
-    from stratus.model import counts
     from stratus.train.metrics import device_peak_flops
     from stratus.train.optim import build_optimizer
     from stratus.train.setup import batch_shape, materialize, precision, sharded_model
@@ -95,7 +95,7 @@ def worker(args: list[str], steps: int, compile_blocks: bool) -> None:
     seconds = time.perf_counter() - started
     tokens_per_s = global_batch * cfg.data.seq_len * steps / seconds
     peak = device_peak_flops(env.device, dtype, None)
-    flops = counts.flops_per_token(cfg.model, cfg.data.seq_len)
+    flops = counts.model_flops_per_token(counts.shape_of(cfg.model, cfg.data.seq_len))
     if env.is_main:
         print(
             json.dumps(

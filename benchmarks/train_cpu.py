@@ -5,7 +5,7 @@ torch.set_num_threads(--threads). Both models have the same shape (6 layers, d_m
 seq 256, vocab 8192, batch 8, tied embeddings) and are stepped alternately (A, B, A, B, ...) so
 background noise hits both alike; the median step time of each is reported. Achieved FLOP/s uses
 the same count for both, 6 * (non-embedding matmul params + vocab * d) + 12 * L * d * T per token
-(stratus.model.counts.flops_per_token for stratus; the peer's from its own parameter count).
+(stratus.counts.model_flops_per_token for stratus; the peer's from its own parameter count).
 
     python benchmarks/train_cpu.py [--threads 2] [--warmup 3] [--steps 10] [--json]
 """
@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stratus import counts
 from stratus.config import ModelConfig, TrainConfig
-from stratus.model import Transformer, flops_per_token
+from stratus.model import Transformer
 from stratus.train.optim import build_optimizer, build_scheduler
 
 LAYERS, D_MODEL, HEADS, SEQ, VOCAB, BATCH = 6, 384, 6, 256, 8192, 8
@@ -213,7 +214,7 @@ def main() -> None:
         peer_opt.zero_grad(set_to_none=True)
 
     runs = {
-        "stratus": (stratus_step, flops_per_token(mcfg, SEQ)),
+        "stratus": (stratus_step, counts.model_flops_per_token(counts.shape_of(mcfg, SEQ))),
         "nanogpt": (peer_step, peer.flops_per_token(SEQ)),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}

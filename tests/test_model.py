@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from stratus.config import ModelConfig
-from stratus.model import Transformer, flops_per_token, param_count
+from stratus.counts import model_flops_per_token, param_count, shape_of
+from stratus.model import Transformer
 from stratus.model.llama import apply_rope, rope_tables
 
 VOCAB = 64
@@ -199,24 +200,26 @@ def test_counts_by_hand():
     non_embedding = n_layers * block + d  # + final norm: 4688
     embedding = v * d  # 1024 (tok_embeddings, and again for the untied output matrix)
     assert non_embedding == 4688
-    assert param_count(cfg, embeddings=False) == non_embedding
-    assert param_count(cfg) == non_embedding + 2 * embedding == 6736
+    assert param_count(shape_of(cfg), embeddings=False) == non_embedding
+    assert param_count(shape_of(cfg)) == non_embedding + 2 * embedding == 6736
     tied = cfg.model_copy(update={"tie_embeddings": True})
-    assert param_count(tied) == non_embedding + embedding == 5712
+    assert param_count(shape_of(tied)) == non_embedding + embedding == 5712
 
-    # 6 FLOPs per matmul weight per token (forward 2 + backward 4), counting the output matrix,
-    # plus the attention scores and weighted sum: 12 * layers * d_model * seq_len
+    # 6 FLOPs per matmul weight per token (forward 2 + backward 4), counting the output matrix
+    # (norm gains are no matmul), plus the attention scores and weighted sum: 12 * layers *
+    # d_model * seq_len
     seq = 8
-    expected = 6 * (non_embedding + v * d) + 12 * n_layers * d * seq
-    assert expected == 6 * 5712 + 3072 == 37344
-    assert flops_per_token(cfg, seq) == expected
+    expected = 6 * (n_layers * (attention + mlp) + v * d) + 12 * n_layers * d * seq
+    assert expected == 6 * 5632 + 3072 == 36864
+    assert model_flops_per_token(shape_of(cfg, seq)) == expected
     # the attention term grows linearly with the sequence length
-    assert flops_per_token(cfg, 2 * seq) - flops_per_token(cfg, seq) == 12 * n_layers * d * seq
+    grown = model_flops_per_token(shape_of(cfg, 2 * seq)) - expected
+    assert grown == 12 * n_layers * d * seq
 
     model = Transformer(cfg)
-    assert model.num_params() == 6736
+    assert model.num_params() == 6736 == sum(p.numel() for p in model.parameters())
     assert model.num_params(embeddings=False) == 4688
-    assert model.flops_per_token(seq) == 37344
+    assert model.flops_per_token(seq) == 36864
 
 
 def unique_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:

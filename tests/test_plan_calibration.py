@@ -27,7 +27,7 @@ def test_every_row_of_the_reference_is_predicted(comparisons):
     assert {c.row.role for c in comparisons} == {"calibration", "held-out"}
     for c in comparisons:
         assert c.predicted.fits, f"{c.row.label}: the published layout should fit in memory"
-        lay = c.predicted.layout
+        lay = c.predicted.candidate
         if c.row.fixed.tp:
             assert (lay.tp, lay.pp, lay.dp) == (c.row.fixed.tp, c.row.fixed.pp, c.row.fixed.dp)
 

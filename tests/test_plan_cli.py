@@ -82,8 +82,8 @@ def test_fixed_layout_restricts_the_search():
     )  # fmt: skip
     assert args.func.__name__ == "cmd_plan"
     p = build_plan(args)
-    assert all((e.layout.tp, e.layout.pp, e.layout.recompute) == (8, 8, "full") for e in p.layouts)
-    assert all(e.layout.dp == 16 for e in p.layouts)
+    assert all((e.candidate.tp, e.candidate.pp, e.candidate.recompute) == (8, 8, "full") for e in p.layouts)
+    assert all(e.candidate.dp == 16 for e in p.layouts)
 
 
 @pytest.mark.parametrize(

@@ -51,23 +51,45 @@ def test_flops_per_iteration_match_korthikanti_and_narayanan():
     assert M.iteration_flops(m, B, "none") == pytest.approx(by_hand, rel=2e-3)
 
 
-def test_llama_flops_agree_with_the_trainer_formula():
-    # stratus.model.counts gives 6 (N_non_embedding + V d) + 12 L d T; norms are its only extra
+def test_llama_flops_by_hand():
+    # 6 (L x block matmul weights + V d) + 12 L d T: llama3-8b at 8k
     m = PRESETS["llama3-8b"]
-    theirs = 6 * (m.layers * (M.layer_params(m)) + m.hidden + m.vocab * m.hidden) + 12 * 32 * 4096 * 8192
-    assert M.model_flops_per_token(m) == pytest.approx(theirs, rel=1e-4)
+    block = 4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * 14336
+    assert M.layer_matmul_params(m) == block
+    assert M.model_flops_per_token(m) == 6 * (32 * block + 128256 * 4096) + 12 * 32 * 4096 * 8192
 
 
-def test_counts_match_stratus_model_counts():
+def test_one_count_for_the_trainer_and_the_planner():
+    """stratus.counts is the trainer's count too: the real model's tensors, and its own
+    config read as the planner reads one, agree with the preset; and counts imports no torch,
+    so the planner runs where torch is not installed."""
+    import subprocess
+    import sys
+
     from stratus.config import ModelConfig
-    from stratus.model.counts import flops_per_token, param_count  # imports torch via stratus.model
+    from stratus.counts import shape_of
 
     cfg = ModelConfig(
         vocab_size=128256, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, ffn_hidden=14336
     )
     m = PRESETS["llama3-8b"]
-    assert M.param_count(m) == param_count(cfg)
-    assert M.model_flops_per_token(m) == pytest.approx(flops_per_token(cfg, 8192), rel=1e-4)
+    assert shape_of(cfg, 8192).__dict__ | {"name": m.name} == m.__dict__
+    code = "import sys, stratus.counts, stratus.plan.cost, stratus.plan.search; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_param_count_is_the_real_models():
+    import torch  # noqa: F401  (the real model)
+
+    from stratus.config import ModelConfig
+    from stratus.counts import shape_of
+    from stratus.model import Transformer
+
+    for tied in (False, True):
+        cfg = ModelConfig(vocab_size=96, n_layers=3, d_model=48, n_heads=6, n_kv_heads=2, tie_embeddings=tied)
+        model = Transformer(cfg)
+        assert M.param_count(shape_of(cfg)) == sum(p.numel() for p in model.parameters())
 
 
 # Korthikanti et al. 2022, Table 2: activation bytes per layer, 16-bit, GPT with dropout.

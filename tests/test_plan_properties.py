@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from stratus.plan import model as M
 from stratus.plan.catalog import load_catalog
 from stratus.plan.comm import Group, collective_time
-from stratus.plan.cost import Layout, estimate
+from stratus.plan.cost import Candidate, estimate
 from stratus.plan.model import ModelShape
 
 CATALOG = load_catalog(None)
@@ -63,8 +63,8 @@ def test_more_fsdp_ranks_never_raise_memory_per_gpu(m, tp, zero, rc, dp):
     # same per-rank work (micro batch 1, 8 micro batches each), more data-parallel ranks sharding the state
     small = CATALOG.cluster(preset="dgx-h100", gpus=tp * dp)
     big = CATALOG.cluster(preset="dgx-h100", gpus=tp * dp * 2)
-    e1 = estimate(m, small, SW, Layout(tp, 1, dp, 1, rc, 1, zero), 8 * dp)
-    e2 = estimate(m, big, SW, Layout(tp, 1, 2 * dp, 1, rc, 1, zero), 16 * dp)
+    e1 = estimate(m, small, SW, Candidate.of(tp, 1, dp, 1, rc, 1, zero), 8 * dp)
+    e2 = estimate(m, big, SW, Candidate.of(tp, 1, 2 * dp, 1, rc, 1, zero), 16 * dp)
     assert e2.memory_gb <= e1.memory_gb + 1e-9
 
 
@@ -82,7 +82,7 @@ def test_more_bandwidth_never_slows_a_step(m, tp, pp, zero, nodes, factor, which
     cluster = CATALOG.cluster(preset="dgx-h100", nodes=nodes)
     dp = cluster.gpus // (tp * pp)
     assume(m.layers >= pp and dp >= 1 and m.kv_heads % tp == 0)
-    lay = Layout(tp, pp, dp, 1, "none", 1, zero)
+    lay = Candidate.of(tp, pp, dp, 1, "none", 1, zero)
     faster = cluster
     if which in ("network", "both"):
         faster = replace(

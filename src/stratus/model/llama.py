@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stratus import counts
 from stratus.config import ModelConfig
-from stratus.model import counts
 from stratus.model.kv_cache import KVCache
 
 
@@ -183,7 +183,9 @@ class Transformer(nn.Module):
         )
 
     def num_params(self, embeddings: bool = True) -> int:
-        return counts.param_count(self.cfg, embeddings)
+        """The whole model's, from its config (a pipeline stage's part reports the whole)."""
+        return counts.param_count(counts.shape_of(self.cfg), embeddings)
 
     def flops_per_token(self, seq_len: int) -> int:
-        return counts.flops_per_token(self.cfg, seq_len)
+        """Model FLOPs (forward + backward, no recompute) per trained token: MFU's numerator."""
+        return counts.model_flops_per_token(counts.shape_of(self.cfg, seq_len))

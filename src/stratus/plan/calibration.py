@@ -160,7 +160,7 @@ def table(comparisons: list[Comparison]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for c in comparisons:
-        lay = c.predicted.layout
+        lay = c.predicted.candidate
         knobs = f"mb{lay.micro_batch} {lay.recompute} v{lay.interleave} zero{lay.zero}"
         lines.append(
             f"| {c.row.role} | {c.row.source} | {c.row.label} | {knobs} | {c.published_s:.3f} | "

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from stratus.distributed.layout import Layout
 from stratus.errors import StratusError
 from stratus.plan import model as M
 from stratus.plan.catalog import Cluster, Software
@@ -32,23 +33,53 @@ ZERO = (1, 2, 3)
 
 
 @dataclass(frozen=True)
-class Layout:
-    tp: int
-    pp: int
-    dp: int
+class Candidate:
+    """One point of the search: a parallel layout (the trainer's own type, so a plan is a
+    layout stratus can be given) with the step's other choices."""
+
+    layout: Layout
     micro_batch: int
     recompute: Recompute = "none"
-    interleave: int = 1
     zero: int = 1
+
+    @classmethod
+    def of(
+        cls,
+        tp: int,
+        pp: int,
+        dp: int,
+        micro_batch: int,
+        recompute: Recompute = "none",
+        interleave: int = 1,
+        zero: int = 1,
+    ) -> Candidate:
+        """Megatron's vocabulary: dp data-parallel ranks (sharded or not, as zero says)."""
+        return cls(Layout(1, dp, tp, pp, interleave), micro_batch, recompute, zero)
+
+    @property
+    def tp(self) -> int:
+        return self.layout.tp
+
+    @property
+    def pp(self) -> int:
+        return self.layout.pp
+
+    @property
+    def dp(self) -> int:
+        return self.layout.dp
+
+    @property
+    def interleave(self) -> int:
+        return self.layout.stages_per_rank
 
     @property
     def gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.layout.world_size
 
 
 @dataclass
 class Estimate:
-    layout: Layout
+    candidate: Candidate
     step_time_s: float
     tokens_per_s: float
     tflops_per_gpu: float  # model FLOPs (no recompute) per second per GPU, as Megatron reports
@@ -59,7 +90,7 @@ class Estimate:
     memory: dict[str, float] = field(default_factory=dict)  # GiB per GPU
 
     def as_dict(self) -> dict[str, Any]:
-        lay = self.layout
+        lay = self.candidate
         return {
             "tp": lay.tp,
             "pp": lay.pp,
@@ -79,7 +110,7 @@ class Estimate:
         }
 
 
-def layout_problem(m: ModelShape, gpus: int, layout: Layout, global_batch: int) -> str | None:
+def layout_problem(m: ModelShape, gpus: int, layout: Candidate, global_batch: int) -> str | None:
     """Why this layout cannot run this model, or None. The search skips; the CLI reports."""
     t, p, d, b, v = layout.tp, layout.pp, layout.dp, layout.micro_batch, layout.interleave
     if min(t, p, d, b, v) < 1:
@@ -234,7 +265,7 @@ def estimate(
     m: ModelShape,
     cluster: Cluster,
     sw: Software,
-    layout: Layout,
+    layout: Candidate,
     global_batch: int,
     eff: Efficiency = DEFAULT,
 ) -> Estimate:
@@ -309,7 +340,7 @@ def estimate(
         "optimizer": optimizer,
     }
     return Estimate(
-        layout=layout,
+        candidate=layout,
         step_time_s=step,
         tokens_per_s=tokens / step,
         tflops_per_gpu=tflops,
@@ -325,7 +356,7 @@ def memory_per_gpu(
     m: ModelShape,
     cluster: Cluster,
     sw: Software,
-    layout: Layout,
+    layout: Candidate,
     micro_batches: int,
     stages: tuple[int, int, int],
     eff: Efficiency = DEFAULT,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stratus.counts import shape_of
 from stratus.errors import StratusError
 from stratus.plan.model import ModelShape
 
@@ -25,18 +26,7 @@ def from_config(path: str | Path, seq_len: int | None = None) -> ModelShape:
     m = cfg.model
     if m.vocab_size == 0:
         raise StratusError(f"{path}: model.vocab_size is 0 (taken from the tokenizer); give --vocab V")
-    return ModelShape(
-        Path(path).stem,
-        "llama",
-        m.n_layers,
-        m.d_model,
-        m.n_heads,
-        m.kv_heads,
-        m.ffn_width,
-        m.vocab_size,
-        seq_len or cfg.data.seq_len,
-        m.tie_embeddings,
-    )
+    return _replace(shape_of(m, seq_len or cfg.data.seq_len), name=Path(path).stem)
 
 
 def resolve(

@@ -92,7 +92,7 @@ def render(plan: Plan, console=None) -> None:
         t.add_column(col, justify="right")
     t.add_column("compute / tp / bubble / pp / dp / optim", justify="right", style="dim")
     for e in plan.layouts:
-        lay, b = e.layout, e.breakdown
+        lay, b = e.candidate, e.breakdown
         t.add_row(
             f"tp{lay.tp} pp{lay.pp} dp{lay.dp} mb{lay.micro_batch} {lay.recompute} "
             f"v{lay.interleave} z{lay.zero}",
@@ -151,8 +151,8 @@ def plot(plan: Plan, path: str | Path) -> Path:
         raise StratusError(f"--plot {path}: directory {path.parent} does not exist")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     labels = [
-        f"tp{e.layout.tp} pp{e.layout.pp} dp{e.layout.dp}\nmb{e.layout.micro_batch} "
-        f"{e.layout.recompute} v{e.layout.interleave} z{e.layout.zero}"
+        f"tp{e.candidate.tp} pp{e.candidate.pp} dp{e.candidate.dp}\nmb{e.candidate.micro_batch} "
+        f"{e.candidate.recompute} v{e.candidate.interleave} z{e.candidate.zero}"
         for e in plan.layouts
     ]
     left = [0.0] * len(plan.layouts)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stratus.plan.catalog import Cluster, Software
-from stratus.plan.cost import RECOMPUTE, ZERO, Estimate, Layout, estimate, layout_problem
+from stratus.plan.cost import RECOMPUTE, ZERO, Candidate, Estimate, estimate, layout_problem
 from stratus.plan.efficiency import DEFAULT, Efficiency
 from stratus.plan.model import ModelShape
 
@@ -57,7 +57,7 @@ def candidates(m: ModelShape, cluster: Cluster, global_batch: int, fixed: Fixed 
                 for v in vs:
                     for rc in [fixed.recompute] if fixed.recompute else RECOMPUTE:
                         for z in [fixed.zero] if fixed.zero else ZERO:
-                            lay = Layout(tp, pp, dp, mb, rc, v, z)  # type: ignore[arg-type]
+                            lay = Candidate.of(tp, pp, dp, mb, rc, v, z)  # type: ignore[arg-type]
                             if layout_problem(m, gpus, lay, global_batch) is None:
                                 yield lay
 
@@ -92,7 +92,7 @@ def explain_no_layout(
     valid = list(candidates(m, cluster, global_batch, fixed))
     if not valid:
         if fixed.tp or fixed.pp or fixed.dp:
-            lay = Layout(
+            lay = Candidate.of(
                 fixed.tp or 1,
                 fixed.pp or 1,
                 fixed.dp or gpus // ((fixed.tp or 1) * (fixed.pp or 1)),

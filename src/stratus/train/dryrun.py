@@ -35,12 +35,12 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from stratus import counts
 from stratus.config import Config
 from stratus.data.manifest import read_manifest
 from stratus.distributed.layout import Layout, resolve_layout
 from stratus.distributed.parallelize import build_mesh
 from stratus.errors import StratusError
-from stratus.model import counts
 from stratus.plan.catalog import Gpu
 from stratus.plan.efficiency import DEFAULT as PLANNER
 from stratus.train.optim import build_optimizer
@@ -274,7 +274,7 @@ def dry_run(cfg: Config, world_size: int, gpu: Gpu, steps: int = 2, label: str =
         fits=margin >= 0,
         margin_gib=round(margin, 3),
         flops_per_step=flops_step,
-        flops_estimate=counts.flops_per_token(cfg.model, cfg.data.seq_len)
+        flops_estimate=counts.model_flops_per_token(counts.shape_of(cfg.model, cfg.data.seq_len))
         * tokens
         / layout.dp
         / ranks_per_batch,
