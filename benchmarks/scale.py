@@ -29,6 +29,8 @@ SHIPPED = {  # config -> the world it is meant for
     "configs/demo.toml": ["--world-size", "1"],
     "configs/llama3-8b.toml": ["--world-size", "64"],
     "configs/llama3-70b.toml": ["--nodes", "64"],
+    "configs/gpt3-175b.toml": ["--nodes", "128", "--gpu", "a100-80gb"],
+    "configs/llama3-405b.toml": ["--nodes", "128"],
 }
 
 

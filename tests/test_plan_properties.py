@@ -14,7 +14,8 @@ from stratus.plan.cost import Candidate, estimate
 from stratus.plan.model import ModelShape
 
 CATALOG = load_catalog(None)
-SW = CATALOG.software("stratus")
+# the cost model's properties, over every sharding level (stratus itself runs ZeRO-3 only)
+SW = CATALOG.software("megatron-core")
 
 shapes = st.builds(
     lambda layers, heads, head_dim, kv_div, seq, vocab, arch: ModelShape(

@@ -459,7 +459,7 @@ def _as_field_type(dotted: str, value: Any) -> Any:
     section = _section_of(tuple(sections))
     field = section.model_fields.get(leaf) if section is not None else None
     if field is not None and field.annotation is str and isinstance(value, (bool, int, float)):
-        return _toml_value(value)
+        return toml_value(value)
     return value
 
 
@@ -471,9 +471,25 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not p.is_file():
             raise StratusError(f"config file {p} not found: give a TOML file such as configs/demo.toml")
         try:
-            tree = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            tree = _parse(p.read_text(encoding="utf-8"), p)
+        except UnicodeDecodeError as e:
             raise StratusError(f"config file {p} is not valid TOML: {e}") from None
+    return _validated(tree, overrides)
+
+
+def config_from_text(text: str, source: str = "config") -> Config:
+    """A config from TOML text (what a tool is about to write), checked as load_config checks a file."""
+    return _validated(_parse(text, source), None)
+
+
+def _parse(text: str, source: Any) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise StratusError(f"config file {source} is not valid TOML: {e}") from None
+
+
+def _validated(tree: dict[str, Any], overrides: dict[str, Any] | None) -> Config:
     for key, value in (overrides or {}).items():
         _apply(tree, key, _as_field_type(key, value))
     try:
@@ -485,13 +501,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 # --- writing -------------------------------------------------------------------------------
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return json.dumps(str(v))  # a JSON string is a valid TOML basic string
 
 
@@ -503,7 +519,7 @@ def to_toml(cfg: Config, comments: bool = False) -> str:
         lines.append(f"[{name}]")
         for key, f in type(section).model_fields.items():
             value = getattr(section, key)
-            text = f"{key} = {_toml_value(value)}" if value is not None else f"# {key} = none"
+            text = f"{key} = {toml_value(value)}" if value is not None else f"# {key} = none"
             if comments and f.description:
                 text = f"{text:<40} # {f.description}"
             lines.append(text)

@@ -335,9 +335,14 @@ def _check_layout(cfg: Any, world: int, gpus_per_node: int) -> int:
             f"parallel.tp ({pc.tp}) must divide --gpus-per-node ({gpus_per_node}): "
             "keep tensor parallelism inside a node, on NVLink"
         )
-    from stratus.distributed.layout import resolve_layout
+    from stratus.distributed.layout import pipeline_rounds, resolve_layout
 
-    return resolve_layout(pc, world, cfg.model).dp
+    layout = resolve_layout(pc, world, cfg.model)
+    per_rank = cfg.train.micro_batch * layout.dp
+    batch = cfg.train.global_batch or per_rank
+    if batch % per_rank == 0:  # (a batch that does not divide is reported by the caller)
+        pipeline_rounds(layout, pc, batch // per_rank)
+    return layout.dp
 
 
 def write_launch(

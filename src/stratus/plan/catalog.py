@@ -79,6 +79,11 @@ class Software:
     p2p_overlap: bool
     grad_bytes: int
     fused_elementwise: bool
+    zero_levels: tuple[int, ...] = (1, 2, 3)  # the sharding levels the framework runs
+    stratus: bool = False  # stratus itself: a layout must pass the trainer's own checks
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "zero_levels", tuple(self.zero_levels))  # TOML gives a list
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 
 from stratus.errors import StratusError
@@ -79,6 +80,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--top", type=int, default=5, help="layouts to show (default 5)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--plot", metavar="FILE.png", help="draw step-time breakdowns and ETTR vs size")
+    g.add_argument(
+        "--emit-config",
+        metavar="FILE.toml",
+        help="write the best layout as a stratus training config (for stratus dryrun and stratus launch)",
+    )
     sp.set_defaults(func=cmd_plan)
     return sp
 
@@ -153,6 +159,11 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str] | None = None) -> No
     from stratus.plan.report import plot, render, to_json
 
     plan = build_plan(args)
+    if args.emit_config:
+        from stratus.plan.emit import emit_config
+
+        argv = getattr(args, "argv", None) or ["plan"]  # what `stratus` was given, for the header
+        emit_config(plan, args.emit_config, "stratus " + shlex.join(argv))
     if args.plot:
         plot(plan, args.plot)
     if args.json:
@@ -161,6 +172,8 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str] | None = None) -> No
         render(plan)
         if args.plot:
             print(f"plot: {args.plot}")
+        if args.emit_config:
+            print(f"config: {args.emit_config}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,8 +110,11 @@ class Estimate:
         }
 
 
-def layout_problem(m: ModelShape, gpus: int, layout: Candidate, global_batch: int) -> str | None:
-    """Why this layout cannot run this model, or None. The search skips; the CLI reports."""
+def layout_problem(
+    m: ModelShape, gpus: int, layout: Candidate, global_batch: int, sw: Software | None = None
+) -> str | None:
+    """Why this layout cannot run this model (in this framework), or None. The search skips;
+    the CLI reports."""
     t, p, d, b, v = layout.tp, layout.pp, layout.dp, layout.micro_batch, layout.interleave
     if min(t, p, d, b, v) < 1:
         return "tp, pp, dp, micro batch and interleave must be at least 1"
@@ -136,6 +139,41 @@ def layout_problem(m: ModelShape, gpus: int, layout: Candidate, global_batch: in
         return f"recompute must be one of {', '.join(RECOMPUTE)}"
     if layout.zero not in ZERO:
         return "zero must be 1 (optimizer state sharded), 2 (and gradients) or 3 (FSDP: and weights)"
+    if sw is not None and layout.zero not in sw.zero_levels:
+        return f"{sw.key} shards at ZeRO {' or '.join(map(str, sw.zero_levels))}, not {layout.zero}"
+    if sw is not None and sw.stratus:
+        return _stratus_problem(m, layout, global_batch)
+    return None
+
+
+@lru_cache(maxsize=64)
+def _model_config(m: ModelShape):
+    from stratus.config import ModelConfig  # pydantic; no torch
+
+    return ModelConfig(
+        vocab_size=m.vocab,
+        n_layers=m.layers,
+        d_model=m.hidden,
+        n_heads=m.heads,
+        n_kv_heads=m.kv_heads,
+        ffn_hidden=m.ffn_hidden,
+        max_seq_len=m.seq_len,
+        tie_embeddings=m.tie_embeddings,
+    )
+
+
+def _stratus_problem(m: ModelShape, c: Candidate, global_batch: int) -> str | None:
+    """What stratus's own layout checks say of the candidate (they run on every rank before
+    `stratus train` joins a group): the planner proposes only what the trainer accepts."""
+    from stratus.distributed.layout import pipeline_rounds, resolve_layout
+    from stratus.plan.emit import parallel_config
+
+    pc = parallel_config(c)
+    try:
+        layout = resolve_layout(pc, c.gpus, _model_config(m))
+        pipeline_rounds(layout, pc, global_batch // (layout.dp * c.micro_batch))
+    except StratusError as e:
+        return str(e)
     return None
 
 
@@ -269,7 +307,7 @@ def estimate(
     global_batch: int,
     eff: Efficiency = DEFAULT,
 ) -> Estimate:
-    problem = layout_problem(m, cluster.gpus, layout, global_batch)
+    problem = layout_problem(m, cluster.gpus, layout, global_batch, sw)
     if problem:
         raise StratusError(problem)
     t, p, d, b, v = layout.tp, layout.pp, layout.dp, layout.micro_batch, layout.interleave

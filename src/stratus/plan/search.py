@@ -35,8 +35,11 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidates(m: ModelShape, cluster: Cluster, global_batch: int, fixed: Fixed = Fixed()):
-    """Every valid layout (by the rules of layout_problem), before memory and time."""
+def candidates(
+    m: ModelShape, cluster: Cluster, global_batch: int, fixed: Fixed = Fixed(), sw: Software | None = None
+):
+    """Every valid layout (by the rules of layout_problem, and the framework's), before memory
+    and time."""
     gpus = cluster.gpus
     tps = [fixed.tp] if fixed.tp else [t for t in _divisors(gpus) if t <= cluster.gpus_per_node]
     for tp in tps:
@@ -56,9 +59,9 @@ def candidates(m: ModelShape, cluster: Cluster, global_batch: int, fixed: Fixed 
                 vs = [fixed.interleave] if fixed.interleave else (INTERLEAVES if pp > 1 else (1,))
                 for v in vs:
                     for rc in [fixed.recompute] if fixed.recompute else RECOMPUTE:
-                        for z in [fixed.zero] if fixed.zero else ZERO:
+                        for z in [fixed.zero] if fixed.zero else (sw.zero_levels if sw else ZERO):
                             lay = Candidate.of(tp, pp, dp, mb, rc, v, z)  # type: ignore[arg-type]
-                            if layout_problem(m, gpus, lay, global_batch) is None:
+                            if layout_problem(m, gpus, lay, global_batch, sw) is None:
                                 yield lay
 
 
@@ -72,7 +75,7 @@ def search(
 ) -> tuple[list[Estimate], list[Estimate]]:
     """(layouts that fit, fastest first; those that do not fit, least memory first)."""
     fits, over = [], []
-    for lay in candidates(m, cluster, global_batch, fixed):
+    for lay in candidates(m, cluster, global_batch, fixed, sw):
         e = estimate(m, cluster, sw, lay, global_batch, eff)
         (fits if e.fits else over).append(e)
     fits.sort(key=lambda e: (e.step_time_s, e.memory_gb))
@@ -89,7 +92,7 @@ def explain_no_layout(
 ) -> str:
     """Why nothing fits, and the smallest cluster of the same nodes on which something would."""
     gpus = cluster.gpus
-    valid = list(candidates(m, cluster, global_batch, fixed))
+    valid = list(candidates(m, cluster, global_batch, fixed, sw))
     if not valid:
         if fixed.tp or fixed.pp or fixed.dp:
             lay = Candidate.of(
@@ -99,9 +102,9 @@ def explain_no_layout(
                 fixed.micro_batch or 1,
                 fixed.recompute or "none",  # type: ignore[arg-type]
                 fixed.interleave or 1,
-                fixed.zero or 1,
+                fixed.zero or sw.zero_levels[0],
             )
-            reason = layout_problem(m, gpus, lay, global_batch)
+            reason = layout_problem(m, gpus, lay, global_batch, sw)
             if reason:
                 return reason
         return (
@@ -128,7 +131,7 @@ def _fits_anywhere(m, cluster, sw, global_batch, fixed) -> bool:
     fixed = Fixed(tp=fixed.tp, pp=fixed.pp, micro_batch=fixed.micro_batch, recompute=fixed.recompute)
     return any(
         estimate(m, cluster, sw, lay, global_batch).fits
-        for lay in candidates(m, cluster, global_batch, fixed)
+        for lay in candidates(m, cluster, global_batch, fixed, sw)
     )
 
 
