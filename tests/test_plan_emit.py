@@ -11,9 +11,10 @@ import pytest
 import tomllib
 
 from stratus.config import load_config
+from stratus.counts import model_config_of
 from stratus.distributed.layout import pipeline_rounds, resolve_layout
 from stratus.plan.catalog import load_catalog
-from stratus.plan.emit import parallel_section
+from stratus.plan.emit import parallel_config
 from stratus.plan.presets import resolve
 from stratus.plan.search import search
 from tests.conftest import ROOT, run_cli
@@ -90,19 +91,8 @@ def test_stratus_profile_proposes_only_layouts_stratus_accepts(model, nodes):
     for e in fits + over:
         c = e.candidate
         assert c.zero == 3
-        cfg = load_config(
-            None,
-            {
-                "model.n_layers": m.layers,
-                "model.d_model": m.hidden,
-                "model.n_heads": m.heads,
-                "model.n_kv_heads": m.kv_heads,
-                "model.ffn_hidden": m.ffn_hidden,
-                "model.vocab_size": m.vocab,
-                **{f"parallel.{k}": v for k, v in parallel_section(c).items()},
-            },
-        )
-        layout = resolve_layout(cfg.parallel, cluster.gpus, cfg.model)
-        pipeline_rounds(layout, cfg.parallel, batch // (layout.dp * c.micro_batch))
+        pc = parallel_config(c)
+        layout = resolve_layout(pc, cluster.gpus, model_config_of(m))
+        pipeline_rounds(layout, pc, batch // (layout.dp * c.micro_batch))
     megatron, _ = search(m, cluster, catalog.software("megatron-core"), batch)
     assert {e.candidate.zero for e in megatron} > {3}

@@ -15,6 +15,7 @@ score matrix, as PaLM and Megatron count it, not the causal half). For a llama t
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal
 
 from stratus.errors import StratusError
@@ -80,6 +81,23 @@ def shape_of(cfg: ModelConfig, seq_len: int | None = None) -> ModelShape:
         cfg.vocab_size,
         seq_len or cfg.max_seq_len,
         cfg.tie_embeddings,
+    )
+
+
+@lru_cache(maxsize=64)
+def model_config_of(m: ModelShape) -> ModelConfig:
+    """The stratus [model] of a llama-family shape (shape_of's inverse)."""
+    from stratus.config import ModelConfig  # pydantic, no torch: imported when asked for
+
+    return ModelConfig(
+        vocab_size=m.vocab,
+        n_layers=m.layers,
+        d_model=m.hidden,
+        n_heads=m.heads,
+        n_kv_heads=m.kv_heads,
+        ffn_hidden=m.ffn_hidden,
+        max_seq_len=m.seq_len,
+        tie_embeddings=m.tie_embeddings,
     )
 
 

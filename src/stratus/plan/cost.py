@@ -146,31 +146,16 @@ def layout_problem(
     return None
 
 
-@lru_cache(maxsize=64)
-def _model_config(m: ModelShape):
-    from stratus.config import ModelConfig  # pydantic; no torch
-
-    return ModelConfig(
-        vocab_size=m.vocab,
-        n_layers=m.layers,
-        d_model=m.hidden,
-        n_heads=m.heads,
-        n_kv_heads=m.kv_heads,
-        ffn_hidden=m.ffn_hidden,
-        max_seq_len=m.seq_len,
-        tie_embeddings=m.tie_embeddings,
-    )
-
-
 def _stratus_problem(m: ModelShape, c: Candidate, global_batch: int) -> str | None:
     """What stratus's own layout checks say of the candidate (they run on every rank before
     `stratus train` joins a group): the planner proposes only what the trainer accepts."""
+    from stratus.counts import model_config_of
     from stratus.distributed.layout import pipeline_rounds, resolve_layout
     from stratus.plan.emit import parallel_config
 
     pc = parallel_config(c)
     try:
-        layout = resolve_layout(pc, c.gpus, _model_config(m))
+        layout = resolve_layout(pc, c.gpus, model_config_of(m))
         pipeline_rounds(layout, pc, global_batch // (layout.dp * c.micro_batch))
     except StratusError as e:
         return str(e)
