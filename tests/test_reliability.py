@@ -141,7 +141,7 @@ def test_full_disk_fails_cleanly_and_keeps_the_previous_checkpoint(tiny_data: Pa
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(run / "checkpoints")],
+        ["mount", "-t", "tmpfs", "-o", "size=2000k", "tmpfs", str(run / "checkpoints")],
         capture_output=True,
         text=True,
     )

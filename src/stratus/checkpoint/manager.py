@@ -11,6 +11,7 @@ matches its manifest; damaged ones are reported and skipped. Retention keeps the
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -145,7 +146,11 @@ class CheckpointManager:
             barrier(env)
             model_sd, optim_sd = get_state_dict(model, optimizer, options=FLAT)
             state = {"model": model_sd, "optim": optim_sd}
-            torch.save(get_rng_state(), pending.tmp / "rng" / f"rank-{env.rank:05d}.pt")
+            # serialized in memory, then written: a full disk is then an OSError (ENOSPC) that
+            # says so, not torch's zip writer's "unexpected pos" from inside torch.save
+            rng = io.BytesIO()
+            torch.save(get_rng_state(), rng)
+            (pending.tmp / "rng" / f"rank-{env.rank:05d}.pt").write_bytes(rng.getvalue())
             with _one_process_ok():
                 if asynchronous:
                     if self._stager is None or not STAGER_REUSABLE:
@@ -222,6 +227,7 @@ class CheckpointManager:
     def _agree_or_raise(self, error: BaseException | None, pending: PendingSave) -> None:
         if all_ranks_true(self.env, error is None):
             return
+        why = _reason(error, self.root) if error is not None else "another rank failed to write"
         if self.env.is_main:
             shutil.rmtree(pending.tmp, ignore_errors=True)  # free the space; the last good one stays
         newest = list_checkpoints(self.root)
@@ -230,7 +236,6 @@ class CheckpointManager:
             if newest
             else "there is no earlier checkpoint"
         )
-        why = _reason(error) if error is not None else "another rank failed to write"
         raise SaveError(f"checkpoint of step {pending.step} failed ({why}); {kept}")
 
     def _retain(self, newest: int) -> None:
@@ -304,14 +309,23 @@ def _flat_optimizer(path: Path) -> bool:
     return "optim.param_groups.0.params" not in keys  # unflattened groups are numbered
 
 
-def _reason(error: BaseException) -> str:
-    """One line for a failed write; DCP wraps each rank's failure with its whole traceback."""
+def _reason(error: BaseException, root: Path) -> str:
+    """One line for a failed write; DCP wraps each rank's failure with its whole traceback.
+    A full disk does not always say so: DCP pickles small objects with torch.save, whose zip
+    writer reports a short write as "unexpected pos". The disk's own free space decides."""
     text = str(error)
-    if "No space left on device" in text:
+    if "No space left on device" in text or _disk_full(root):
         return "OSError: [Errno 28] No space left on device"
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     last = lines[-1] if lines else ""
     return last if isinstance(error, CheckpointException) else f"{type(error).__name__}: {last}"
+
+
+def _disk_full(root: Path) -> bool:
+    try:
+        return shutil.disk_usage(root).free < 2**20
+    except OSError:
+        return False
 
 
 def load_model_weights(path: Path, model: nn.Module) -> None:

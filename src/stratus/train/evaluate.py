@@ -8,7 +8,6 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -16,6 +15,7 @@ from stratus.data.loader import Sampler
 from stratus.data.packing import IGNORE
 from stratus.distributed.env import DistEnv
 from stratus.distributed.pipeline import Pipeline
+from stratus.train.step import token_loss_sum
 
 log = logging.getLogger("stratus.train")
 
@@ -51,7 +51,7 @@ def validation_loss(
         x, y, *doc = (t.to(env.device) for t in sampler.batch(first, min(rows, n - first)))
         with loss_context(), autocast or contextlib.nullcontext():
             if pipeline is None:
-                loss_sum = _loss_sum(model(x, doc=doc[0]) if doc else model(x), y)
+                loss_sum = token_loss_sum(model(x, doc=doc[0]) if doc else model(x), y)
             else:
                 loss_sum = _pipelined_loss_sum(pipeline, rows, x, y, doc[0] if doc else None)
         if b < n_batches and loss_sum is not None:
@@ -63,10 +63,6 @@ def validation_loss(
     return (total[0] / total[1]).item(), int(total[1].item())
 
 
-def _loss_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=IGNORE)
-
-
 def _pipelined_loss_sum(
     pipeline: Pipeline, rows: int, x: torch.Tensor, y: torch.Tensor, doc: torch.Tensor | None
 ) -> torch.Tensor | None:
@@ -76,7 +72,7 @@ def _pipelined_loss_sum(
         x = torch.cat([x, x[:1].expand(pad, -1)])
         y = torch.cat([y, torch.full_like(y[:1], IGNORE).expand(pad, -1)])
         doc = torch.cat([doc, doc[:1].expand(pad, -1)]) if doc is not None else None
-    pipeline.loss = _loss_sum
+    pipeline.loss = token_loss_sum
     losses = pipeline.run(x, y, doc, train=False)
     return sum(losses[1:], losses[0]) if losses else None
 

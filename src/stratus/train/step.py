@@ -21,6 +21,12 @@ from stratus.data.packing import IGNORE
 from stratus.distributed.pipeline import Pipeline
 
 
+def token_loss_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of (batch, seq, vocab) logits, summed over the targets trained
+    on (IGNORE is not), in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=IGNORE)
+
+
 class TokenLoss:
     """Next-token cross-entropy, summed over the targets trained on (pretraining, SFT)."""
 
@@ -30,8 +36,7 @@ class TokenLoss:
         x, y, *doc = batch  # packed chat data carries each token's document number
         with autocast:
             logits = model(x, doc=doc[0]) if doc else model(x)  # (micro_batch, seq, vocab)
-        flat = logits.float().flatten(0, 1)
-        return F.cross_entropy(flat, y.flatten(), reduction="sum", ignore_index=IGNORE), None
+        return token_loss_sum(logits, y), None
 
 
 TOKEN_LOSS = TokenLoss()
@@ -95,10 +100,7 @@ def pipelined_forward_backward(
     the mean over all ranks is the step's loss with no collective of its own."""
 
     def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        summed = (
-            F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=IGNORE)
-            * scale
-        )
+        summed = token_loss_sum(logits, y) * scale
         return summed * float("nan") if poison else summed
 
     pipe.loss = loss
