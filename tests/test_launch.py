@@ -282,6 +282,7 @@ def test_write_launch_writes_the_rendered_file_under_launch(tmp_path, cfg_file, 
         ("slurm", 4, 8, {"job_name": "a b"}, "job name 'a b' is not allowed"),
         ("slurm", 4, 8, {"overrides": ["--model.n_layerz=3"]}, "model.n_layerz: unknown key"),
         ("slurm", 4, 8, {"overrides": ["--train.global_batch=48"]}, "train.global_batch (48) must be"),
+        ("slurm", 4, 8, {"overrides": ["--parallel.pp=2"]}, "needs at least as many micro batches"),
     ],
 )
 def test_write_launch_refuses_bad_input_and_writes_nothing(
