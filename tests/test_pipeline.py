@@ -18,6 +18,7 @@ from stratus.config import ParallelConfig, load_config
 from stratus.distributed.layout import Layout, pipeline_rounds, resolve_layout
 from stratus.distributed.pipeline import rank_stages, split_layers
 from stratus.errors import StratusError
+from stratus.train.setup import torch_version
 from tests.conftest import TINY_ARGS, metrics
 from tests.test_parallel import _full_state, torchrun, train_run
 
@@ -77,7 +78,15 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", CASES)
+OLD_TORCH_ZBV = pytest.mark.skipif(
+    torch_version() < (2, 13),
+    reason="zbv needs torch 2.13+ (torch 2.9's ZBV sends to its own rank; stratus refuses it there)",
+)
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=OLD_TORCH_ZBV) if n.startswith("zbv") else n for n in CASES]
+)
 def test_pipeline_trains_like_one_process(name, references, tiny_data: Path, tmp_path: Path):
     n, layers, args = CASES[name]
     ref = references(layers)
@@ -112,7 +121,9 @@ def test_checkpoint_reshards_between_pipeline_layouts(references, tiny_data: Pat
     train_run(1, run, tiny_data, "--train.micro_batch=8", "--train.stop_at=2", *common)
     pp_dp = ["--parallel.pp=2", "--parallel.dp_shard=2", "--train.micro_batch=1"]
     train_run(4, run, tiny_data, *pp_dp, "--train.stop_at=3", *common)
-    rows = train_run(2, run, tiny_data, "--parallel.pp=2", "--parallel.pp_schedule=gpipe", *common)
+    rows = train_run(
+        2, run, tiny_data, "--parallel.pp=2", "--parallel.pp_schedule=gpipe", "--train.micro_batch=4", *common
+    )
     curve = {r["step"]: r["loss"] for r in rows if "grad_norm" in r}
     assert sorted(curve) == [1, 2, 3, 4]
     for r in metrics(ref):
@@ -136,7 +147,13 @@ def test_checkpoint_reshards_between_pipeline_layouts(references, tiny_data: Pat
         (["--parallel.pp=2", "--train.micro_batch=8"], "needs at least as many micro batches"),
         (["--parallel.pp=2", "--train.micro_batch=1", "--parallel.pp_microbatches=3"], "must divide the 8"),
         (
-            ["--parallel.pp=2", "--parallel.pp_schedule=zbv", "--model.n_layers=4", "--eval.interval=2"],
+            [
+                "--parallel.pp=2",
+                "--parallel.pp_schedule=dualpipev",
+                "--model.n_layers=4",
+                "--train.micro_batch=1",
+                "--eval.interval=2",
+            ],
             "cannot run validation",
         ),
     ],
@@ -184,7 +201,7 @@ def test_pipeline_layout_resolution():
 
 
 def test_meta_init_under_stage_views(tiny_data: Path, tmp_path: Path):
-    """parallel.init = meta with two stages a rank (zbv) under FSDP: each stage view's shards
+    """parallel.init = meta with two stages a rank (interleaved) under FSDP: each stage view's shards
     are allocated through its own FSDP root and initialized in place, every stage draws its
     own numbers, and the views see the RoPE tables."""
     run = tmp_path / "meta"
@@ -195,7 +212,7 @@ def test_meta_init_under_stage_views(tiny_data: Path, tmp_path: Path):
         "--model.n_layers=4",
         "--parallel.pp=2",
         "--parallel.dp_shard=2",
-        "--parallel.pp_schedule=zbv",
+        "--parallel.pp_schedule=interleaved_1f1b",
         "--parallel.init=meta",
         "--train.micro_batch=2",
         "--train.steps=2",

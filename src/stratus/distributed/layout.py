@@ -104,7 +104,8 @@ def pipeline_rounds(layout: Layout, pc: ParallelConfig, accum: int) -> tuple[int
             f"parallel.pp_microbatches ({per_round}) must divide the {accum} micro batches each "
             "data-parallel rank runs a step (train.global_batch / (train.micro_batch x data-parallel ranks))"
         )
-    if pc.pp_schedule in ("1f1b", "dualpipev") and per_round < layout.stages:
+    # (gpipe runs with fewer on torch 2.13, all bubble; torch 2.9 refuses it as 1F1B does)
+    if pc.pp_schedule in ("gpipe", "1f1b", "dualpipev") and per_round < layout.stages:
         raise StratusError(
             f"parallel.pp_schedule = {pc.pp_schedule} needs at least as many micro batches a round as "
             f"stages ({layout.stages}), and a round has {per_round}: lower train.micro_batch or raise "

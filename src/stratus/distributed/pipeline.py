@@ -99,6 +99,23 @@ def _stage_view(model: Transformer, layers: list[int], first: bool, last: bool) 
     return view
 
 
+class _Stage(PipelineStage):
+    """torch's stage, with its communicator warm-up made consistent, as newer torch makes it.
+    torch 2.9 sends an int64 to the next stage where that stage posts a float32 receive (gloo
+    checks sizes and aborts: "8 vs 4. Received data size doesn't match"), and under a V
+    schedule it sends to the rank itself, where gloo has no link ("Pair is not connected").
+    The warm-up only opens the links: its tensors go as float32, and never to this rank."""
+
+    def _get_init_p2p_neighbors_ops(self) -> list[dist.P2POp]:
+        ops = [op for op in super()._get_init_p2p_neighbors_ops() if op.group_peer != self.group_rank]
+        return [
+            op
+            if op.tensor.dtype == torch.float32
+            else dist.P2POp(op.op, op.tensor.float(), group=op.group, group_peer=op.group_peer)
+            for op in ops
+        ]
+
+
 @dataclass
 class Pipeline:
     """The schedule over this rank's stages. `loss` is what the last stage computes from a
@@ -114,11 +131,15 @@ class Pipeline:
         """One round: the batch is cut into the schedule's micro batches along dim 0. Returns
         the last stage's per-micro-batch losses (empty on other ranks)."""
         losses: list = []
-        kwargs = {"doc": doc} if doc is not None else {}
-        if train:
-            self.schedule.step(x, target=y, losses=losses, **kwargs)
-        else:
-            self.schedule.eval(x, target=y, losses=losses, **kwargs)
+        kwargs = {"doc": doc.contiguous()} if doc is not None else {}  # every stage's attention needs it
+        # the tokens to the first stage and the targets to the last, as each alone uses them;
+        # contiguous, because a stage checks each round's inputs against the first round's
+        # strides (torch 2.9), and a validation window is a slice of a longer row
+        x, y = x.contiguous(), y.contiguous()
+        args = (x,) if any(s.is_first for s in self.stages) else ()
+        target = y if any(s.is_last for s in self.stages) else None
+        run = self.schedule.step if train else self.schedule.eval
+        run(*args, target=target, losses=losses if target is not None else None, **kwargs)
         return losses
 
 
@@ -137,7 +158,7 @@ def build_pipeline(
             f"parallel.pp_schedule = {schedule}: this torch ({torch.__version__}) has no such schedule ({e})"
         ) from None
     stages = [
-        PipelineStage(module, s, layout.stages, device, group=pp_group)
+        _Stage(module, s, layout.stages, device, group=pp_group)
         for s, module in zip(parts.stage_ids, parts.stage_modules, strict=True)
     ]
     pipe = Pipeline(None, stages, pp_group, microbatches)

@@ -175,6 +175,11 @@ def batch_shape(tc: TrainConfig, layout: Layout) -> tuple[int, int]:
     return global_batch, global_batch // (tc.micro_batch * dp)
 
 
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def check_job(cfg: Config, layout: Layout) -> None:
     """What the layout asks of the rest of the config, checked on every rank before anything
     is written or joined."""
@@ -182,6 +187,12 @@ def check_job(cfg: Config, layout: Layout) -> None:
     if layout.pp == 1:
         return
     pipeline_rounds(layout, cfg.parallel, accum)
+    if cfg.parallel.pp_schedule == "zbv" and torch_version() < (2, 13):
+        raise StratusError(
+            f"parallel.pp_schedule = zbv needs torch 2.13 or later (this is {torch.__version__}): "
+            "torch 2.9's ZBV schedule sends to its own rank, which gloo cannot (2.10-2.12 untested); "
+            "choose dualpipev, the other V schedule"
+        )
     if cfg.parallel.pp_schedule in V_SHAPED and cfg.eval.interval:
         # torch 2.13's V schedules run their backward actions in eval() too, and fail
         raise StratusError(
