@@ -62,7 +62,7 @@ class Parts:
     model: Transformer
     stage_ids: list[int]
     stage_modules: list[Transformer]
-    layers: list[list[int]]  # every stage's layers, for the report
+    layers: list[list[int]]  # every stage's layers, for the log line
 
 
 def split_model(model: Transformer, layout: Layout, pp_rank: int, schedule: str) -> Parts:
