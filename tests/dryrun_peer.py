@@ -1,5 +1,6 @@
 """The dry run's measurement on real ranks: run under torchrun (gloo, real tensors), it takes
-the same steps as `stratus dryrun` and prints rank 0's peak memory by category as JSON."""
+the same steps as `stratus dryrun` and prints, as JSON, rank 0's peak memory by category and
+every rank's total peak (a pipeline's stages differ)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import sys
 import torch.distributed as dist
 
 from stratus.config import load_config, parse_overrides
-from stratus.distributed.layout import resolve_layout
+from stratus.distributed.env import teardown
+from stratus.distributed.layout import pipeline_rounds, resolve_layout
 from stratus.distributed.parallelize import build_mesh
 from stratus.train.dryrun import MICRO_BATCHES_RUN, by_category, measure
 from stratus.train.setup import batch_shape
@@ -21,9 +23,13 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     layout = resolve_layout(cfg.parallel, world, cfg.model)
     _, accum = batch_shape(cfg.train, layout)
-    _, peak, _ = measure(
-        cfg, layout, build_mesh(layout, "cpu"), 2, min(accum, MICRO_BATCHES_RUN), False, rank
+    micro = (
+        pipeline_rounds(layout, cfg.parallel, accum)[0] if layout.pp > 1 else min(accum, MICRO_BATCHES_RUN)
     )
+    _, peak, _ = measure(cfg, layout, build_mesh(layout, "cpu"), 2, micro, False, rank)
+    categories = by_category(peak)[1]
+    totals: list = [None] * world
+    dist.all_gather_object(totals, sum(categories.values()))
     if rank == 0:
-        print(json.dumps(by_category(peak)[1]))
-    dist.destroy_process_group()
+        print(json.dumps({"rank0": categories, "totals": totals}))
+    teardown()

@@ -26,9 +26,9 @@ SMALL = [
 H100 = load_catalog().gpu("h100-sxm")
 
 
-def _real_peak(args: list[str]) -> dict[str, float]:
-    """Rank 0's peak by category in a real 2-rank gloo run of the same steps."""
-    r = torchrun_script(ROOT / "tests" / "dryrun_peer.py", "configs/demo.toml", *args)
+def _real_peaks(args: list[str], nproc: int = 2) -> dict:
+    """Rank 0's peak by category, and every rank's total, in a real gloo run of the same steps."""
+    r = torchrun_script(ROOT / "tests" / "dryrun_peer.py", "configs/demo.toml", *args, nproc=nproc)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -39,11 +39,46 @@ def test_dry_run_peak_matches_real_ranks(global_batch):
     cfg = load_config(ROOT / "configs/demo.toml", parse_overrides(args))
     report = dry_run(cfg, 2, H100)
     assert report.accum == global_batch // 16
-    real = _real_peak(args)
+    real = _real_peaks(args)["rank0"]
     assert real["activations"] > 0 and real["optimizer"] > 0
     assert report.peak_gib == pytest.approx(sum(real.values()), rel=0.10), (report.memory_gib, real)
     # with accumulation the second micro batch starts holding the first one's sharded gradients
     assert (report.memory_gib["gradients"] > 0) == (global_batch > 16)
+
+
+PIPELINES = {
+    # schedule, world, extra: one stage a rank (FSDP's tracker), two (views, torch's plain one)
+    "1f1b-pp2": (2, ["--parallel.pp_schedule=1f1b", "--train.global_batch=32", "--train.micro_batch=4"]),
+    "gpipe-pp2xdp2": (
+        4,
+        ["--parallel.pp_schedule=gpipe", "--train.global_batch=32", "--train.micro_batch=4"],
+    ),
+    "interleaved-pp2": (
+        2,
+        [
+            "--parallel.pp_schedule=interleaved_1f1b",
+            "--parallel.pp_stages_per_rank=2",
+            "--train.global_batch=16",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_pipeline_dry_run_matches_real_stages(name):
+    """Under pipelining the stages hold different memory (the first keeps more micro batches
+    in flight, the last the logits): the dry run measures the first and the last pipeline
+    rank, each within 10% of the same rank on real gloo ranks, and sends activations."""
+    world, extra = PIPELINES[name]
+    args = [*SMALL, "--model.tie_embeddings=false", "--model.n_layers=4", "--parallel.pp=2", *extra]
+    cfg = load_config(ROOT / "configs/demo.toml", parse_overrides(args))
+    report = dry_run(cfg, world, H100)
+    real = _real_peaks(args, world)["totals"]
+    first, last = report.stages_gib.values()
+    assert first == pytest.approx(real[0], rel=0.10), (report.stages_gib, real)
+    assert last == pytest.approx(real[-1], rel=0.10), (report.stages_gib, real)
+    assert report.peak_gib == pytest.approx(max(first, last))
+    assert report.collectives["send (2 ranks)"]["calls"] > 0
 
 
 def test_tensor_parallel_counts_shards_and_both_groups():

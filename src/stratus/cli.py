@@ -323,6 +323,8 @@ def _print_dryrun(r) -> None:
     mem.add_row("[bold]total[/]", f"[bold]{r.peak_gib + r.allowance_gib:.2f}[/]")
     mem.add_row("the GPU's memory", f"{r.hbm_gib:.1f}")
     console.print(mem)
+    for where, gib in r.stages_gib.items():
+        console.print(f"{where}: {gib:.2f} GiB peak before the allowance")
     comms = Table(title="collectives per step, per GPU")
     for col in ("op (group)", "calls", "GiB"):
         comms.add_column(col, justify="left" if col.startswith("op") else "right")

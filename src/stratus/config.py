@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stratus.errors import StratusError
 
@@ -200,6 +200,12 @@ class ParallelConfig(Section):
         "none",
         description="recompute activations in backward: none, selective (keep matmul and attention outputs), full (every block)",
     )
+
+    @field_validator("activation_checkpoint", mode="before")
+    @classmethod
+    def _none_is_a_mode(cls, v: Any) -> Any:
+        return "none" if v is None else v  # `--parallel.activation_checkpoint=none` reads as None
+
     init: Literal["auto", "full", "meta"] = Field(
         "auto",
         description="full = every rank builds the whole model from the seed, then shards it (identical in every layout); meta = shapes only, shard, then initialize each shard in place (for models larger than one device); auto = meta on GPU with more than one rank",

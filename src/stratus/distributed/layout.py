@@ -118,3 +118,15 @@ def pipeline_rounds(layout: Layout, pc: ParallelConfig, accum: int) -> tuple[int
             "train.micro_batch or parallel.pp_microbatches)"
         )
     return per_round, accum // per_round
+
+
+def split_layers(n_layers: int, stages: int) -> list[list[int]]:
+    """Consecutive layers per stage, as even as the count allows. Extra layers go to the
+    middle stages first, then the first: the last stage also computes the output projection
+    and the loss, the largest single matmul at a 128k vocabulary."""
+    base, extra = divmod(n_layers, stages)
+    sizes = [base] * stages
+    for s in ([*range(1, stages - 1), 0, stages - 1] if stages > 1 else [0])[:extra]:
+        sizes[s] += 1
+    bounds = [sum(sizes[:s]) for s in range(stages + 1)]
+    return [list(range(bounds[s], bounds[s + 1])) for s in range(stages)]

@@ -11,6 +11,7 @@ and V schedules) each stage runs a view of that model holding its own layers.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,7 +21,8 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
-from stratus.distributed.layout import Layout
+from stratus.config import ModelConfig
+from stratus.distributed.layout import Layout, split_layers
 from stratus.errors import StratusError
 from stratus.model import Transformer
 
@@ -34,18 +36,10 @@ SCHEDULES = {
     "dualpipev": "DualPipeV",
 }
 V_SHAPED = ("zbv", "dualpipev")  # rank r holds stages r and 2 pp - 1 - r
-
-
-def split_layers(n_layers: int, stages: int) -> list[list[int]]:
-    """Consecutive layers per stage, as even as the count allows. Extra layers go to the
-    middle stages first, then the first: the last stage also computes the output projection
-    and the loss, the largest single matmul at a 128k vocabulary."""
-    base, extra = divmod(n_layers, stages)
-    sizes = [base] * stages
-    for s in ([*range(1, stages - 1), 0, stages - 1] if stages > 1 else [0])[:extra]:
-        sizes[s] += 1
-    bounds = [sum(sizes[:s]) for s in range(stages + 1)]
-    return [list(range(bounds[s], bounds[s + 1])) for s in range(stages)]
+# Unless told not to, the last stage keeps every micro batch's output (the logits) until the
+# round ends, to return them merged: 2 GiB a micro batch at 128k vocabulary and 8k tokens,
+# found by the dry run. torch 2.9 cannot be told (it keeps them).
+_KEEPS_OUTPUTS = "return_outputs" in inspect.signature(PipelineScheduleSingle.step).parameters
 
 
 def rank_stages(layout: Layout, pp_rank: int, schedule: str) -> list[int]:
@@ -116,6 +110,37 @@ class _Stage(PipelineStage):
         ]
 
 
+@dataclass(frozen=True)
+class Activations:
+    """The tensors that flow between stages, known before any runs: each stage is given its
+    inputs and outputs as static metadata (meta tensors), so no stage learns them by running
+    a forward and sending the result to its neighbour. That is what lets the dry run build
+    the pipeline under a fake process group, where nothing a neighbour sends arrives."""
+
+    micro_batch: int
+    seq_len: int
+    model: ModelConfig
+    tp: int  # the hidden states between stages are sequence shards under tensor parallelism
+    hidden_dtype: torch.dtype  # the residual stream's: FSDP's parameter dtype, else fp32
+    logits_dtype: torch.dtype  # the compute dtype
+
+    def stage_io(self, stage: int, stages: int) -> tuple[torch.Tensor, torch.Tensor]:
+        meta = torch.device("meta")
+        shape = (self.micro_batch, self.seq_len // self.tp, self.model.d_model)
+        hidden = torch.empty(shape, dtype=self.hidden_dtype, device=meta)
+        if stage == 0:
+            inputs = torch.empty(self.micro_batch, self.seq_len, dtype=torch.long, device=meta)
+        else:
+            inputs = hidden.requires_grad_()
+        if stage < stages - 1:
+            return inputs, hidden.detach().requires_grad_()
+        # whole logits: under loss parallelism a DTensor of this (global) shape, as torch 2.9 checks
+        logits = torch.empty(
+            self.micro_batch, self.seq_len, self.model.vocab_size, dtype=self.logits_dtype, device=meta
+        )
+        return inputs, logits.requires_grad_()
+
+
 @dataclass
 class Pipeline:
     """The schedule over this rank's stages. `loss` is what the last stage computes from a
@@ -139,6 +164,8 @@ class Pipeline:
         args = (x,) if any(s.is_first for s in self.stages) else ()
         target = y if any(s.is_last for s in self.stages) else None
         run = self.schedule.step if train else self.schedule.eval
+        if _KEEPS_OUTPUTS:
+            kwargs["return_outputs"] = False
         run(*args, target=target, losses=losses if target is not None else None, **kwargs)
         return losses
 
@@ -150,6 +177,7 @@ def build_pipeline(
     device: torch.device,
     schedule: str,
     microbatches: int,
+    activations: Activations,
 ) -> Pipeline:
     try:
         cls = get_schedule_class(SCHEDULES[schedule])
@@ -158,7 +186,7 @@ def build_pipeline(
             f"parallel.pp_schedule = {schedule}: this torch ({torch.__version__}) has no such schedule ({e})"
         ) from None
     stages = [
-        _Stage(module, s, layout.stages, device, group=pp_group)
+        _Stage(module, s, layout.stages, device, *activations.stage_io(s, layout.stages), group=pp_group)
         for s, module in zip(parts.stage_ids, parts.stage_modules, strict=True)
     ]
     pipe = Pipeline(None, stages, pp_group, microbatches)

@@ -65,6 +65,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--tp", type=int, help="tensor-parallel degree")
     g.add_argument("--pp", type=int, help="pipeline-parallel degree")
     g.add_argument("--dp", type=int, help="data-parallel degree")
+    g.add_argument(
+        "--dp-replicate",
+        type=int,
+        help="HSDP: replicas of the model, each FSDP-sharded over dp / dp-replicate ranks (stratus)",
+    )
     g.add_argument("--micro-batch", type=int, help="sequences per micro batch")
     g.add_argument("--recompute", choices=["none", "selective", "full"], help="activation recompute")
     g.add_argument("--interleave", type=int, help="model chunks per pipeline stage (interleaved 1F1B)")
@@ -84,6 +89,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--emit-config",
         metavar="FILE.toml",
         help="write the best layout as a stratus training config (for stratus dryrun and stratus launch)",
+    )
+    g.add_argument(
+        "--explain",
+        action="store_true",
+        help="list the terms the prediction rests on: values, and which are physical and which fitted",
     )
     sp.set_defaults(func=cmd_plan)
     return sp
@@ -126,11 +136,32 @@ def build_plan(args: argparse.Namespace):
         batch = -(-want // gpus) * gpus
     if batch < 1:
         raise StratusError("--global-batch must be at least 1")
-    fixed = Fixed(args.tp, args.pp, args.dp, args.micro_batch, args.recompute, args.interleave, args.zero)
-    for name in ("tp", "pp", "dp", "micro_batch", "interleave"):
+    fixed = Fixed(
+        args.tp,
+        args.pp,
+        args.dp,
+        args.micro_batch,
+        args.recompute,
+        args.interleave,
+        args.zero,
+        args.dp_replicate,
+    )
+    for name, flag in (
+        ("tp", "--tp"),
+        ("pp", "--pp"),
+        ("dp", "--dp"),
+        ("micro_batch", "--micro-batch"),
+        ("interleave", "--interleave"),
+        ("replicate", "--dp-replicate"),
+    ):
         v = getattr(fixed, name)
         if v is not None and v < 1:
-            raise StratusError(f"--{name.replace('_', '-')} must be at least 1")
+            raise StratusError(f"{flag} must be at least 1")
+    if (fixed.replicate or 1) > 1 and not software.stratus:
+        raise StratusError(
+            f"--dp-replicate {fixed.replicate}: HSDP replicas are stratus's FSDP; {software.key} has "
+            "none (use --software stratus, or leave --dp-replicate out)"
+        )
     if fixed.tp and (model.heads % fixed.tp or model.kv_heads % fixed.tp):
         raise StratusError(
             f"--tp {fixed.tp} does not divide the {model.heads} attention heads / {model.kv_heads} KV heads"
@@ -156,6 +187,7 @@ def build_plan(args: argparse.Namespace):
 
 
 def cmd_plan(args: argparse.Namespace, overrides: list[str] | None = None) -> None:
+    from stratus.plan.explain import explain_rows, render_explain
     from stratus.plan.report import plot, render, to_json
 
     plan = build_plan(args)
@@ -167,9 +199,14 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str] | None = None) -> No
     if args.plot:
         plot(plan, args.plot)
     if args.json:
-        print(json.dumps(to_json(plan)))
+        out = to_json(plan)
+        if args.explain:
+            out["explain"] = explain_rows(plan)
+        print(json.dumps(out))
     else:
         render(plan)
+        if args.explain:
+            render_explain(explain_rows(plan))
         if args.plot:
             print(f"plot: {args.plot}")
         if args.emit_config:

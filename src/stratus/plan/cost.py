@@ -24,6 +24,7 @@ from stratus.plan import model as M
 from stratus.plan.catalog import Cluster, Software
 from stratus.plan.comm import collective_time, group_for, p2p_time
 from stratus.plan.efficiency import DEFAULT, KERNELS_PER_LAYER, UNFUSED_FACTOR, Efficiency, gemm_efficiency
+from stratus.plan.memory import stratus_memory, stratus_pipeline_memory
 from stratus.plan.model import ModelShape, Recompute
 
 RECOMPUTE: tuple[Recompute, ...] = ("none", "selective", "full")
@@ -52,9 +53,11 @@ class Candidate:
         recompute: Recompute = "none",
         interleave: int = 1,
         zero: int = 1,
+        replicate: int = 1,
     ) -> Candidate:
-        """Megatron's vocabulary: dp data-parallel ranks (sharded or not, as zero says)."""
-        return cls(Layout(1, dp, tp, pp, interleave), micro_batch, recompute, zero)
+        """Megatron's vocabulary: dp data-parallel ranks (sharded or not, as zero says); under
+        HSDP, `replicate` replicas of dp / replicate FSDP ranks each."""
+        return cls(Layout(replicate, dp // replicate, tp, pp, interleave), micro_batch, recompute, zero)
 
     @property
     def tp(self) -> int:
@@ -67,6 +70,10 @@ class Candidate:
     @property
     def dp(self) -> int:
         return self.layout.dp
+
+    @property
+    def replicate(self) -> int:
+        return self.layout.dp_replicate
 
     @property
     def interleave(self) -> int:
@@ -95,6 +102,7 @@ class Estimate:
             "tp": lay.tp,
             "pp": lay.pp,
             "dp": lay.dp,
+            "dp_replicate": lay.replicate,
             "micro_batch": lay.micro_batch,
             "recompute": lay.recompute,
             "interleave": lay.interleave,
@@ -128,6 +136,8 @@ def layout_problem(
         return f"pp {p} is more than the {m.layers} layers"
     if global_batch % (d * b):
         return f"global batch {global_batch} is not a multiple of dp x micro batch = {d} x {b}"
+    if layout.replicate > 1 and (layout.zero != 3 or (sw is not None and not sw.stratus)):
+        return "dp replicas (HSDP) are FSDP's, in stratus: zero 3 under --software stratus"
     if v > 1:
         if p == 1:
             return "interleave > 1 needs pp > 1"
@@ -327,12 +337,18 @@ def estimate(
     embed = m.vocab * m.hidden
     stage_params = max(first, middle, last) * layer_p + embed if p > 1 else M.param_count(m)
     local = stage_params / t
-    group = group_for(d, t, cluster.gpus_per_node)
+    # FSDP's collectives run inside a replica (HSDP; the mesh is pp x replicate x shard x tp)
+    shards = layout.layout.dp_shard
+    group = group_for(shards, t, cluster.gpus_per_node)
     rs = collective_time("reduce_scatter", local * sw.grad_bytes, group, cluster, eff)
     ag = collective_time("all_gather", local * 2, group, cluster, eff)
     fwd_mb = layers_mb * (lt.fwd + (1 - sw.tp_overlap) * lt.tp_fwd)
     bwd_mb = t_mb - fwd_mb
-    if layout.zero == 1:
+    if sw.stratus and p > 1:
+        # a stratus stage gathers its parameters once a round and reduce-scatters its whole
+        # gradients after the round's last backward (plan/memory.py holds the same)
+        exposed_dp = max(0.0, rs - bwd_mb) + max(0.0, ag - fwd_mb) if sw.dp_overlap else rs + ag
+    elif layout.zero == 1:
         # with overlap, grads reduce during the last backward and params gather during the first forward
         exposed_dp = max(0.0, rs - bwd_mb) + max(0.0, ag - fwd_mb) if sw.dp_overlap else rs + ag
     elif layout.zero == 2:  # gradients reduce-scattered after every micro batch's backward
@@ -345,8 +361,14 @@ def estimate(
             exposed_dp = micro_batches * (max(0.0, ag - fwd_mb) + max(0.0, ag + rs - bwd_mb))
         else:
             exposed_dp = micro_batches * (2 * ag + rs)
+    if layout.replicate > 1:
+        # HSDP: the replicas all-reduce their gradient shards once a step, in the last
+        # backward (train/step.py: set_requires_all_reduce on the last micro batch)
+        across = group_for(layout.replicate, t * shards, cluster.gpus_per_node)
+        ar = collective_time("all_reduce", local / shards * sw.grad_bytes, across, cluster, eff)
+        exposed_dp += max(0.0, ar - bwd_mb) if sw.dp_overlap else ar
     hbm = cluster.gpu.hbm_gbps * 1e9 * eff.hbm_fraction
-    optimizer = local / d * eff.optimizer_bytes / hbm
+    optimizer = local / shards * eff.optimizer_bytes / hbm
 
     step = pipeline + exposed_p2p + exposed_dp + optimizer
     tokens = global_batch * m.seq_len
@@ -385,8 +407,27 @@ def memory_per_gpu(
     eff: Efficiency = DEFAULT,
 ) -> dict[str, float]:
     """GiB per GPU on the fullest stage: the first (most micro batches in flight), the second
-    (one fewer, but maybe more layers) or the last (the output layer and its logits)."""
+    (one fewer, but maybe more layers) or the last (the output layer and its logits).
+
+    stratus is counted as it runs (plan/memory.py); the other frameworks by Korthikanti's
+    and Megatron's accounting."""
     t, p, d, b, v = layout.tp, layout.pp, layout.dp, layout.micro_batch, layout.interleave
+    if sw.stratus:
+        # stratus as it runs (plan/memory.py), checked against the dry run of the real code;
+        # a plan's pipeline runs all of a step's micro batches in one round (emit.py)
+        if p == 1:
+            held = stratus_memory(m, layout.layout, b, layout.recompute, micro_batches, eff=eff)
+        else:
+            held = stratus_pipeline_memory(m, layout.layout, b, layout.recompute, micro_batches, "1f1b", eff)
+        return {
+            "weights": held["parameters"],
+            "grads": held["gradients"],
+            "optimizer": held["optimizer"],
+            "activations": held["activations"],
+            "temporaries": held["temporaries"],
+            "allowance": held["allowance"],
+            "total": held["total"],
+        }
     first, middle, last = stages
     layer_p = M.layer_params(m)
     embed = m.vocab * m.hidden
@@ -430,7 +471,8 @@ def memory_per_gpu(
         "weights": weights / gb,
         "grads": grads / gb,
         "optimizer": opt / gb,
-        "activations": acts / gb,
+        "activations": acts / gb,  # the logits included
+        "temporaries": 0.0,
         "allowance": allowance,
         "total": dynamic + allowance,
     }

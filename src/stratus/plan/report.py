@@ -19,6 +19,7 @@ LAYOUT_KEYS = {
     "tp": int,
     "pp": int,
     "dp": int,
+    "dp_replicate": int,
     "micro_batch": int,
     "recompute": str,
     "interleave": int,
@@ -33,7 +34,7 @@ LAYOUT_KEYS = {
     "memory": dict,
 }
 BREAKDOWN_KEYS = ("compute", "tp_comm", "pipeline_bubble", "pp_comm", "dp_comm", "optimizer")
-MEMORY_KEYS = ("weights", "grads", "optimizer", "activations", "allowance", "total")
+MEMORY_KEYS = ("weights", "grads", "optimizer", "activations", "temporaries", "allowance", "total")
 TOP_KEYS = ("model", "cluster", "layouts", "best", "training_days", "checkpoint_interval_min", "ettr")
 
 
@@ -49,6 +50,12 @@ class Plan:
     table: list[Reliability]
     training_days: float | None
     failures: float | None
+
+
+def label(c) -> str:
+    """A layout in one line; HSDP's data parallelism as replicas x shards."""
+    dp = f"dp{c.replicate}x{c.dp // c.replicate}" if c.replicate > 1 else f"dp{c.dp}"
+    return f"tp{c.tp} pp{c.pp} {dp} mb{c.micro_batch} {c.recompute} v{c.interleave} z{c.zero}"
 
 
 def to_json(plan: Plan) -> dict[str, Any]:
@@ -94,8 +101,7 @@ def render(plan: Plan, console=None) -> None:
     for e in plan.layouts:
         lay, b = e.candidate, e.breakdown
         t.add_row(
-            f"tp{lay.tp} pp{lay.pp} dp{lay.dp} mb{lay.micro_batch} {lay.recompute} "
-            f"v{lay.interleave} z{lay.zero}",
+            label(lay),
             _fmt_s(e.step_time_s),
             f"{e.tokens_per_s:,.0f}",
             f"{e.tflops_per_gpu:.0f}",
@@ -150,11 +156,7 @@ def plot(plan: Plan, path: str | Path) -> Path:
     if not path.parent.exists():
         raise StratusError(f"--plot {path}: directory {path.parent} does not exist")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    labels = [
-        f"tp{e.candidate.tp} pp{e.candidate.pp} dp{e.candidate.dp}\nmb{e.candidate.micro_batch} "
-        f"{e.candidate.recompute} v{e.candidate.interleave} z{e.candidate.zero}"
-        for e in plan.layouts
-    ]
+    labels = [label(e.candidate).replace(" mb", "\nmb") for e in plan.layouts]
     left = [0.0] * len(plan.layouts)
     for key in BREAKDOWN_KEYS:
         vals = [e.breakdown[key] for e in plan.layouts]

@@ -29,10 +29,21 @@ class Fixed:
     recompute: str | None = None
     interleave: int | None = None
     zero: int | None = None
+    replicate: int | None = None
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _replicas(dp: int, zero: int, sw: Software | None, fixed: Fixed) -> list[int]:
+    """HSDP replica counts to try: stratus's FSDP can replicate (dp_replicate); the other
+    frameworks' data parallelism is Megatron's."""
+    if fixed.replicate:
+        return [fixed.replicate] if dp % fixed.replicate == 0 else []
+    if zero != 3 or sw is None or not sw.stratus:
+        return [1]
+    return _divisors(dp)
 
 
 def candidates(
@@ -60,9 +71,10 @@ def candidates(
                 for v in vs:
                     for rc in [fixed.recompute] if fixed.recompute else RECOMPUTE:
                         for z in [fixed.zero] if fixed.zero else (sw.zero_levels if sw else ZERO):
-                            lay = Candidate.of(tp, pp, dp, mb, rc, v, z)  # type: ignore[arg-type]
-                            if layout_problem(m, gpus, lay, global_batch, sw) is None:
-                                yield lay
+                            for r in _replicas(dp, z, sw, fixed):
+                                lay = Candidate.of(tp, pp, dp, mb, rc, v, z, r)  # type: ignore[arg-type]
+                                if layout_problem(m, gpus, lay, global_batch, sw) is None:
+                                    yield lay
 
 
 def search(

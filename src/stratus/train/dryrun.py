@@ -32,22 +32,33 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from stratus import counts
 from stratus.config import Config
 from stratus.data.manifest import read_manifest
-from stratus.distributed.layout import Layout, resolve_layout
+from stratus.distributed.layout import Layout, pipeline_rounds, resolve_layout
 from stratus.distributed.parallelize import build_mesh
+from stratus.distributed.pipeline import rank_stages
 from stratus.errors import StratusError
 from stratus.plan.catalog import Gpu
 from stratus.plan.efficiency import DEFAULT as PLANNER
 from stratus.train.optim import build_optimizer
-from stratus.train.setup import batch_shape, materialize, precision, resolve_vocab, sharded_model
-from stratus.train.step import clip, forward_backward, update
+from stratus.train.setup import (
+    batch_shape,
+    check_job,
+    make_pipeline,
+    materialize,
+    precision,
+    resolve_vocab,
+    sharded_model,
+)
+from stratus.train.step import clip, forward_backward, pipelined_forward_backward, update
 
 GIB = 2**30
+ZERO_BUBBLE = ("interleaved_zb", "zbv", "dualpipev")
 # The Llama 3 tokenizer's 128,256 tokens: the vocabulary a config with vocab_size 0 gets
 # when no prepared corpus is at hand to say its size.
 DEFAULT_VOCAB = 128256
@@ -200,6 +211,7 @@ class Report:
     seconds: float
     knobs: list[str]
     notes: list[str]
+    stages_gib: dict[str, float] = field(default_factory=dict)  # peak by pipeline rank measured
 
     def verdict(self) -> str:
         if self.fits:
@@ -213,31 +225,40 @@ class Report:
 def dry_run(cfg: Config, world_size: int, gpu: Gpu, steps: int = 2, label: str = "") -> Report:
     started = time.perf_counter()
     layout = resolve_layout(cfg.parallel, world_size, cfg.model)
-    if layout.pp > 1:
-        raise StratusError(
-            "the dry run does not model pipeline parallelism yet: dry-run the layout with "
-            "parallel.pp = 1, or train it on real ranks"
-        )
     if steps < 1:
         raise StratusError(f"--steps must be at least 1 (got {steps})")
     cfg, notes = _resolve_vocab(cfg)
     if cfg.train.compile:
         notes.append("torch.compile is off in the dry run: blocks run eager")
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": False})})
+    check_job(cfg, layout)
+    if cfg.parallel.pp_schedule in ZERO_BUBBLE and layout.pp > 1:
+        raise StratusError(
+            f"the dry run cannot measure parallel.pp_schedule = {cfg.parallel.pp_schedule} yet: a "
+            "zero-bubble schedule splits each backward into input and weight gradients, and torch's "
+            "memory tracker cannot follow that (autograd.grad over its hooks); dry-run the same stages "
+            "with 1f1b or interleaved_1f1b"
+        )
     tc = cfg.train
     global_batch, accum = batch_shape(tc, layout)
-    run_micro = min(accum, MICRO_BATCHES_RUN)
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
-    try:
-        mesh = build_mesh(layout, "cpu") if world_size > 1 else None
-        with warnings.catch_warnings():
-            # DTensor's RNG is CUDA-only; the fake weights' values do not matter here
-            warnings.filterwarnings("ignore", message="DTensor random operators")
-            params, peak, per_step = measure(cfg, layout, mesh, steps, run_micro, fake=True)
-    finally:
-        dist.destroy_process_group()
+    # a pipeline runs whole rounds: its in-flight micro batches are what its memory holds
+    run_micro = (
+        pipeline_rounds(layout, cfg.parallel, accum)[0] if layout.pp > 1 else min(accum, MICRO_BATCHES_RUN)
+    )
+    # Every rank of a pipeline stage holds the same shapes; the stages differ. The first pp
+    # rank keeps the most micro batches in flight, the last one the logits: both are measured.
+    ranks = [0] if layout.pp == 1 else [0, (layout.pp - 1) * layout.dp * layout.tp]
+    measured = {rank: _measure_as(cfg, layout, world_size, rank, steps, run_micro) for rank in ranks}
+    worst = max(ranks, key=lambda r: sum(by_category(measured[r][1])[1].values()))
+    _, peak, per_step = measured[worst]
+    stages = {}
+    if layout.pp > 1:
+        for rank in ranks:
+            ids = rank_stages(layout, layout.pp_rank(rank), cfg.parallel.pp_schedule)
+            stages[f"pp rank {layout.pp_rank(rank)} (stages {ids})"] = round(
+                sum(by_category(measured[rank][1])[1].values()), 3
+            )
+        notes.append(f"peak of pp rank {layout.pp_rank(worst)}, the larger of the first and the last")
 
     tracker_gib, memory = by_category(peak)
     total = sum(memory.values())
@@ -255,14 +276,14 @@ def dry_run(cfg: Config, world_size: int, gpu: Gpu, steps: int = 2, label: str =
         for key in sorted(set(micro_calls) | set(tail_calls))
     }
     tokens = global_batch * cfg.data.seq_len
-    ranks_per_batch = layout.tp  # a tp group works on one data-parallel share together
+    ranks_per_batch = layout.tp * layout.pp  # a tp group, and a pipeline's stages, share a dp rank's work
     flops_step = micro_flops * scale + tail_flops
     return Report(
         config=label,
         world_size=world_size,
         layout=layout.describe(),
         gpu=gpu.name,
-        params=params,
+        params=counts.param_count(counts.shape_of(cfg.model, cfg.data.seq_len)),
         accum=accum,
         micro_batches_run=run_micro,
         tokens_per_step=tokens,
@@ -282,14 +303,99 @@ def dry_run(cfg: Config, world_size: int, gpu: Gpu, steps: int = 2, label: str =
         seconds=round(time.perf_counter() - started, 1),
         knobs=_knobs(cfg, layout, memory),
         notes=notes,
+        stages_gib=stages,
     )
 
 
-class FSDPTracker(_LocalOpsOnly, FSDPMemTracker):
+def _measure_as(cfg: Config, layout: Layout, world_size: int, rank: int, steps: int, micro: int) -> tuple:
+    """measure() as `rank` of a fake process group of the job's size."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
+    try:
+        mesh = build_mesh(layout, "cpu") if world_size > 1 else None
+        with warnings.catch_warnings(), _stages_static():
+            # DTensor's RNG is CUDA-only; the fake weights' values do not matter here
+            warnings.filterwarnings("ignore", message="DTensor random operators")
+            return measure(cfg, layout, mesh, steps, micro, fake=True, rank=rank)
+    finally:
+        dist.destroy_process_group()
+        _forget_meshes()
+
+
+def _forget_meshes() -> None:
+    """Drop DTensor's sharding and redistribution caches. They are keyed by mesh, and a mesh
+    compares equal to one of the same shape from a destroyed process group: a later dry run
+    in this process would reuse plans that name the dead group's collectives."""
+    from torch.distributed.tensor import _redistribute, debug
+
+    clear = getattr(debug, "_clear_sharding_prop_cache", None) or debug._clear_python_sharding_prop_cache
+    clear()
+    getattr(_redistribute, "clear_redistribute_planner_cache", lambda: None)()
+
+
+@contextlib.contextmanager
+def _stages_static() -> Iterator[None]:
+    """torch 2.13's schedules open with a vote over the pipeline: every stage with static
+    metadata votes STATIC, and a stage reads the result from its neighbour. Under the fake
+    group nothing arrives, and a fake tensor's value cannot be read; every stratus stage
+    has static metadata (pipeline.Activations), so the result is set to what the vote gives.
+    (torch 2.9 has no vote.)"""
+    from torch.distributed.pipelining import schedules
+
+    mode = getattr(schedules, "InferenceMode", None)
+    if mode is None:
+        yield
+        return
+
+    def static(self, stages, has_backward, p2p_done) -> None:
+        for stage in stages:
+            stage._inference_mode = mode.STATIC
+
+    with mock.patch.object(schedules._PipelineSchedule, "_warmup_p2p", static):
+        yield
+
+
+class _RepeatedForwards:
+    """A pipeline stage runs its forward once per micro batch of a round before their
+    backwards. torch's trackers take a root module's second forward for the next iteration
+    and refuse it; their per-module records are bookkeeping the dry run does not read (it
+    reads the peak, which a reset keeps), so they are started afresh there instead."""
+
+    def _restart_if_repeated(self, module: torch.nn.Module) -> None:
+        if module not in self.memory_tracking or self._mod_tracker.is_bw:
+            return
+        name = self._mod_tracker.get_known_fqn(module)
+        if set(self._mod_tracker.parents) - {name} == {"Global"}:
+            self.reset_mod_stats()
+
+    def _pre_fw_hook(self, module, inputs) -> None:
+        self._restart_if_repeated(module)
+        super()._pre_fw_hook(module, inputs)
+
+    def _pre_bw_hook(self, module, args) -> None:
+        if module in self.memory_tracking:  # else its record was started afresh since its forward
+            super()._pre_bw_hook(module, args)
+
+    def _post_bw_hook(self, module, args) -> None:
+        if module in self.memory_tracking:
+            super()._post_bw_hook(module, args)
+
+    def _fsdp_state_pre_forward(self, fsdp_mod, orig):
+        inner = super()._fsdp_state_pre_forward(fsdp_mod, orig)
+
+        def pre_forward(*args, **kwargs):
+            self._restart_if_repeated(fsdp_mod)
+            return inner(*args, **kwargs)
+
+        return pre_forward
+
+
+class FSDPTracker(_RepeatedForwards, _LocalOpsOnly, FSDPMemTracker):
     pass
 
 
-class Tracker(_LocalOpsOnly, MemTracker):
+class Tracker(_RepeatedForwards, _LocalOpsOnly, MemTracker):
     pass
 
 
@@ -317,38 +423,49 @@ def measure(
     cfg: Config, layout: Layout, mesh: Any, steps: int, micro_batches: int, fake: bool, rank: int = 0
 ) -> tuple[int, dict, list]:
     """Run `steps` training steps of `micro_batches` each (the first of one, when there are
-    more steps: it only has to create the optimizer's state) on this rank, with fake tensors or
-    real ones (a real process group then), under torch's memory tracker and the census:
-    (parameters, the tracker's peak snapshot, each step's census split into the micro
-    batches' part and the clip + optimizer part)."""
+    more steps: it only has to create the optimizer's state; under pipelining every step is
+    one round of the schedule) on this rank, with fake tensors or real ones (a real process
+    group then), under torch's memory tracker and the census: (the parameters this rank
+    holds, the tracker's peak snapshot, each step's census split into the micro batches'
+    part and the clip + optimizer part)."""
     tc, cpu = cfg.train, torch.device("cpu")
     dtype_name = "float32" if tc.dtype == "float32" else "bfloat16"  # a dry run is of a GPU
-    _, autocast, param_dtype = precision(dtype_name, cpu, layout)
-    model = sharded_model(cfg, layout, mesh, cpu, "meta", param_dtype, rank).model
+    dtype, autocast, param_dtype = precision(dtype_name, cpu, layout)
+    parts = sharded_model(cfg, layout, mesh, cpu, "meta", param_dtype, rank)
+    model = parts.model
     # DTensor works out output placements by running each op on whole-tensor fakes, in
     # the active fake mode if there is one. The tracker and the census skip ops of any
     # mode but the one they were entered in, so DTensor gets a fake mode of its own here;
     # else its whole-tensor shapes would count as this rank's memory and FLOPs.
     with _fake_modes() if fake else contextlib.nullcontext():
-        materialize(model, cpu, tc.seed, rank, layout)
+        materialize(model, cpu, tc.seed, rank, layout, parts.stage_modules)
         optimizer = build_optimizer(model, tc, cpu)
+        pipe = None
+        if layout.pp > 1:
+            pipe = make_pipeline(cfg, layout, mesh, parts, cpu, micro_batches, dtype, param_dtype)
         tracker = FSDPTracker(model, optimizer) if isinstance(model, FSDPModule) else Tracker()
         if not isinstance(tracker, FSDPMemTracker):
             tracker.track_external(model, optimizer)
         census = Census()
         per_step = []
+        loss_context = loss_parallel if cfg.parallel.loss_parallel else contextlib.nullcontext
         with tracker:
             for step in range(steps):
-                # The first step only has to create the optimizer state: one micro batch does.
-                micro = 1 if step == 0 and steps > 1 else micro_batches
+                micro = 1 if step == 0 and steps > 1 and pipe is None else micro_batches
                 batches = _micro_batches(
                     tc.micro_batch, cfg.data.seq_len, cfg.model.vocab_size, micro, tracker
                 )
                 with census:
                     start = census.snapshot()
-                    loss, _ = forward_backward(model, batches, micro, autocast, contextlib.nullcontext)
+                    if pipe is None:
+                        loss, _ = forward_backward(model, batches, micro, autocast, loss_context)
+                    else:
+                        scale = 1.0 / (micro * tc.micro_batch * cfg.data.seq_len)
+                        loss, _ = pipelined_forward_backward(
+                            pipe, batches, autocast, loss_context, False, scale
+                        )
                     mid = census.snapshot()
-                    update(optimizer, loss, clip(model, tc.grad_clip))
+                    update(optimizer, loss, clip(model, tc.grad_clip, pipe.group if pipe else None))
                     end = census.snapshot()
                 per_step.append((_minus(mid, start), _minus(end, mid)))
                 tracker.reset_mod_stats()

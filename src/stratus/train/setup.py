@@ -30,7 +30,7 @@ from stratus.data.verify import ShardVerifier
 from stratus.distributed import env as denv
 from stratus.distributed.layout import Layout, pipeline_rounds
 from stratus.distributed.parallelize import build_mesh, parallelize
-from stratus.distributed.pipeline import V_SHAPED, Parts, Pipeline, build_pipeline, split_model
+from stratus.distributed.pipeline import V_SHAPED, Activations, Parts, Pipeline, build_pipeline, split_model
 from stratus.distributed.pipeline import describe as describe_pipeline
 from stratus.errors import StratusError
 from stratus.model import Transformer
@@ -225,6 +225,26 @@ def precision(
     return dtype, autocast, torch.bfloat16 if fsdp_casts else None
 
 
+def make_pipeline(
+    cfg: Config,
+    layout: Layout,
+    mesh: DeviceMesh,
+    parts: Parts,
+    device: torch.device,
+    per_round: int,
+    dtype: torch.dtype,
+    param_dtype: torch.dtype | None,
+) -> Pipeline:
+    """The job's pipeline schedule over its stages, with what flows between them declared
+    up front: a micro batch's hidden states (the residual stream is FSDP's parameter dtype,
+    else fp32 under autocast too) and the last stage's logits."""
+    flows = Activations(
+        cfg.train.micro_batch, cfg.data.seq_len, cfg.model, layout.tp, param_dtype or torch.float32, dtype
+    )
+    group = mesh["pp"].get_group()
+    return build_pipeline(parts, layout, group, device, cfg.parallel.pp_schedule, per_round, flows)
+
+
 def sharded_model(
     cfg: Config,
     layout: Layout,
@@ -337,9 +357,7 @@ def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
     pipe = None
     if layout.pp > 1:
         per_round, _ = pipeline_rounds(layout, cfg.parallel, accum)
-        pipe = build_pipeline(
-            parts, layout, mesh["pp"].get_group(), device, cfg.parallel.pp_schedule, per_round
-        )
+        pipe = make_pipeline(cfg, layout, mesh, parts, device, per_round, dtype, param_dtype)
         log.info("pipeline: %s, schedule %s", describe_pipeline(parts), cfg.parallel.pp_schedule)
     job = Job(
         cfg=cfg,

@@ -1,0 +1,149 @@
+"""Memory per GPU as stratus holds it (`--software stratus`): FSDP2 with bf16 compute and fp32
+master weights, stratus's activation-checkpoint policies, and the moment the step peaks.
+
+Counted from what the code keeps, tensor by tensor (docs/planning.md lists them), and checked
+against the dry run of the real code (tests/test_plan_memory.py), not fitted to it.
+
+The peak of a step without pipelining is the start of the loss's backward: every block's
+saved activations are still held, the output layer's too, and the cross-entropy's backward
+has two fp32 buffers the size of the logits. At a 128k vocabulary these last are the
+largest single item (8 bytes x 128,256 = 1 MB a token).
+"""
+
+from __future__ import annotations
+
+from stratus.counts import ModelShape, layer_params, param_count
+from stratus.distributed.layout import Layout, split_layers
+from stratus.plan.efficiency import DEFAULT, Efficiency
+
+GIB = 2**30
+
+
+def block_activation_bytes(m: ModelShape, tp: int, recompute: str) -> float:
+    """Bytes one block keeps for its backward, per token of a micro batch, on one of `tp`
+    ranks (sequence parallel: what runs on sequence shards is divided by tp, and so are the
+    head- and MLP-sharded tensors; the gathered inputs of column-parallel matmuls and the
+    full-sequence partial outputs of row-parallel ones are not). bf16 = 2 bytes, fp32 = 4."""
+    h, kv, f, heads, t = m.hidden, m.kv_dim, m.ffn_hidden, m.heads, tp
+    lse = 4 * heads  # attention's log-sum-exp, fp32 per head
+    if recompute == "full":
+        return 2 * h / t  # the block's input; everything else is recomputed
+    if recompute == "selective":
+        # parallelize._SAVE: every matmul's and attention's output. Column-parallel q, k, v,
+        # w1, w3 and attention's output (+ lse) are sharded; the row-parallel wo and w2
+        # outputs are whole-sequence partial sums before their reduce-scatter.
+        sharded = 2 * h + 2 * h + 2 * kv + 2 * kv + 2 * f + 2 * f + lse  # input, q, out, k, v, w1, w3
+        row_outputs = 2 * h + 2 * h
+        return sharded / t + row_outputs
+    # none: two RMSNorms in fp32 (input and normalized, + rstd) on sequence shards; the
+    # gathered inputs of q/k/v and of w1/w3; attention's q, k, v, output and lse; wo's input;
+    # w1's and w3's outputs, SiLU's output and w2's input.
+    norms = 2 * (4 * h + 4 * h + 4)
+    gathered = 2 * h + 2 * h
+    sharded = 2 * h + 2 * kv + 2 * kv + 2 * h + lse + 2 * h + 4 * 2 * f
+    return norms / t + gathered + sharded / t
+
+
+def head_activation_bytes(m: ModelShape, tp: int, loss_parallel: bool) -> float:
+    """The output layer's saved tensors per token: the final norm (fp32, sequence shards), its
+    output gathered for the output projection, and the fp32 log-softmax the loss keeps."""
+    vocab = m.vocab / (tp if loss_parallel else 1)
+    return (8 * m.hidden + 4) / tp + 2 * m.hidden + 4 * vocab
+
+
+def loss_backward_bytes(m: ModelShape, tp: int, loss_parallel: bool) -> float:
+    """The cross-entropy's backward per token: two fp32 buffers the size of the logits, three
+    of a vocabulary shard under loss parallelism (its softmax is built from the shards'
+    partial sums, and the exponentials are a buffer of their own)."""
+    return 12.0 * m.vocab / tp if loss_parallel else 8.0 * m.vocab
+
+
+def stratus_memory(
+    m: ModelShape,
+    layout: Layout,
+    micro_batch: int,
+    recompute: str,
+    accum: int,
+    loss_parallel: bool = False,
+    eff: Efficiency = DEFAULT,
+) -> dict[str, float]:
+    """GiB per GPU by the dry run's categories, plus the allowance and the total, for a layout
+    without pipelining (FSDP or HSDP, TP+SP)."""
+    t, shards = layout.tp, layout.dp_shard
+    P = param_count(m)
+    local = P / (t * shards)  # each rank's shard of every parameter (HSDP: of its replica's)
+    rope = 4 * m.seq_len * m.head_dim  # the cos and sin tables, fp32
+    tokens = micro_batch * m.seq_len
+    acts = tokens * (
+        m.layers * block_activation_bytes(m, t, recompute) + head_activation_bytes(m, t, loss_parallel)
+    )
+    parts = {
+        "parameters": 4 * local + rope,  # fp32 master shards; bf16 copies exist only per block in use
+        # the second micro batch starts holding the first one's reduce-scattered fp32 gradients
+        "gradients": 4 * local if accum > 1 else 0.0,
+        "optimizer": 8 * local,  # AdamW's two fp32 moments
+        "activations": acts,
+        "temporaries": tokens * loss_backward_bytes(m, t, loss_parallel),
+    }
+    out = {k: v / GIB for k, v in parts.items()}
+    dynamic = sum(out.values())
+    out["allowance"] = eff.reserved_gb + eff.fragmentation * dynamic
+    out["total"] = dynamic + out["allowance"]
+    return out
+
+
+def stratus_pipeline_memory(
+    m: ModelShape,
+    layout: Layout,
+    micro_batch: int,
+    recompute: str,
+    per_round: int,
+    schedule: str,
+    eff: Efficiency = DEFAULT,
+) -> dict[str, float]:
+    """GiB per GPU on the fuller of the first and the last pipeline rank, FSDP under a
+    pipeline as stratus runs it: a stage keeps its blocks' bf16 parameters gathered through a
+    round and accumulates their whole fp32 gradients until the round's last backward (FSDP
+    reduce-scatters once a round). The last stage also keeps each micro batch's bf16 logits
+    until its backward, and every stage a receive buffer per micro batch of the round. GPipe
+    holds a round's micro batches in flight, 1F1B as many as the pipeline is deep on the first
+    rank and one on the last."""
+    t, shards, pp = layout.tp, layout.dp_shard, layout.pp
+    bounds = split_layers(m.layers, layout.stages)
+    embed = m.vocab * m.hidden
+    tokens = micro_batch * m.seq_len
+    block = block_activation_bytes(m, t, recompute)
+    v = layout.stages_per_rank
+    # interleaving: a rank's chunks hold (1 + (pp - 1)/(pp v)) times 1F1B's (Korthikanti)
+    extra = 1 + (pp - 1) / (pp * v) if v > 1 else 1.0
+    ranks = []
+    for first, own in ((True, range(0, layout.stages, pp)), (False, range(pp - 1, layout.stages, pp))):
+        layers = sum(len(bounds[s]) for s in own)  # the rank's stages (a loop: r, r + pp, ...)
+        params = layers * layer_params(m) + embed + (0 if first else m.hidden)
+        flight = per_round if schedule == "gpipe" else (min(pp, per_round) if first else 1)
+        steady = per_round > flight  # a backward ran before the peak: the round's gradients exist
+        acts = tokens * flight * layers * block * extra
+        # torch's stage allocates a receive buffer per micro batch of the round up front, for
+        # the hidden states (every stage but the first) and for their gradients (every stage
+        # but the last), and keeps them through the round: bf16, sequence-sharded over tp
+        boundaries = sum((s > 0) + (s < layout.stages - 1) for s in own)
+        acts += per_round * boundaries * tokens * 2 * m.hidden / t
+        temps = 0.0
+        if not first:
+            acts += tokens * flight * (head_activation_bytes(m, t, False) + 2 * m.vocab)
+            temps = tokens * loss_backward_bytes(m, t, False)
+        elif steady:
+            temps = 4 * embed / t  # the embedding's dense fp32 gradient, before it is accumulated
+        parts = {
+            "parameters": 4 * params / (t * shards) + 2 * params / t + 4 * m.seq_len * m.head_dim,
+            "gradients": 4 * params / t if steady else 0.0,
+            "optimizer": 8 * params / (t * shards),
+            "activations": acts,
+            "temporaries": temps,
+        }
+        ranks.append({k: v / GIB for k, v in parts.items()})
+    out = max(ranks, key=lambda r: sum(r.values()))
+    dynamic = sum(out.values())
+    out["allowance"] = eff.reserved_gb + eff.fragmentation * dynamic
+    out["total"] = dynamic + out["allowance"]
+    return out
