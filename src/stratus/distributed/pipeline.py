@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,8 +39,9 @@ SCHEDULES = {
 V_SHAPED = ("zbv", "dualpipev")  # rank r holds stages r and 2 pp - 1 - r
 # Unless told not to, the last stage keeps every micro batch's output (the logits) until the
 # round ends, to return them merged: 2 GiB a micro batch at 128k vocabulary and 8k tokens,
-# found by the dry run. torch 2.9 cannot be told (it keeps them).
-_KEEPS_OUTPUTS = "return_outputs" in inspect.signature(PipelineScheduleSingle.step).parameters
+# found by the dry run, and the merge concatenates them all once more. torch 2.13 can be told
+# (return_outputs=False); on older torch _Stage drops them itself.
+_CAN_DROP_OUTPUTS = "return_outputs" in inspect.signature(PipelineScheduleSingle.step).parameters
 
 
 def rank_stages(layout: Layout, pp_rank: int, schedule: str) -> list[int]:
@@ -109,6 +111,15 @@ class _Stage(PipelineStage):
             for op in ops
         ]
 
+    def forward_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().forward_one_chunk(*args, **kwargs)
+        if self.is_last and not _CAN_DROP_OUTPUTS and self.output_chunks:
+            # the loss is computed from `output`, and backward keeps its own reference; the
+            # kept copy only feeds the merge at the round's end, which stratus never reads:
+            # an empty stand-in merges to nothing
+            self.output_chunks[-1] = torch.empty(0)
+        return output
+
 
 @dataclass(frozen=True)
 class Activations:
@@ -164,7 +175,7 @@ class Pipeline:
         args = (x,) if any(s.is_first for s in self.stages) else ()
         target = y if any(s.is_last for s in self.stages) else None
         run = self.schedule.step if train else self.schedule.eval
-        if _KEEPS_OUTPUTS:
+        if _CAN_DROP_OUTPUTS:
             kwargs["return_outputs"] = False
         run(*args, target=target, losses=losses if target is not None else None, **kwargs)
         return losses

@@ -85,11 +85,30 @@ def stratus_memory(
         "activations": acts,
         "temporaries": tokens * loss_backward_bytes(m, t, loss_parallel),
     }
-    out = {k: v / GIB for k, v in parts.items()}
-    dynamic = sum(out.values())
-    out["allowance"] = eff.reserved_gb + eff.fragmentation * dynamic
-    out["total"] = dynamic + out["allowance"]
-    return out
+    return _with_allowance({k: v / GIB for k, v in parts.items()}, eff)
+
+
+def _with_allowance(held: dict[str, float], eff: Efficiency) -> dict[str, float]:
+    dynamic = sum(held.values())
+    allowance = eff.reserved_gb + eff.fragmentation * dynamic
+    return {**held, "allowance": allowance, "total": dynamic + allowance}
+
+
+def in_flight(schedule: str, rank: int, pp: int, v: int, per_round: int) -> tuple[float, bool]:
+    """How many micro batches' worth of its layers' activations a pipeline rank holds at its
+    peak, and whether a backward has run by then, by the rules of torch's schedules
+    (pipelining/schedules.py): GPipe runs every forward of the round first; 1F1B warms up with
+    pp - 1 - rank forwards; interleaved 1F1B with (v - 1) micro batches a round + 2 (pp - 1 -
+    rank) chunk forwards, each chunk a v-th of the rank's layers. (For rank 0 that is
+    Korthikanti's pp (1 + (pp - 1)/(pp v)); for the last rank, far more than 1F1B's one.)"""
+    if schedule == "gpipe":  # its first backward starts with the whole round held
+        return float(per_round), True
+    if v == 1:
+        held = min(pp - rank, per_round)
+        return float(held), per_round > held
+    rounds = max(1, per_round // pp)
+    chunks = min((v - 1) * (per_round // rounds) + 2 * (pp - 1 - rank) + 1, per_round * v)
+    return chunks / v, per_round * v > chunks
 
 
 def stratus_pipeline_memory(
@@ -101,49 +120,60 @@ def stratus_pipeline_memory(
     schedule: str,
     eff: Efficiency = DEFAULT,
 ) -> dict[str, float]:
-    """GiB per GPU on the fuller of the first and the last pipeline rank, FSDP under a
+    """GiB per GPU on the fuller of the first and the last pipeline rank (pipeline_ranks),
+    plus the allowance and the total."""
+    ranks = pipeline_ranks(m, layout, micro_batch, recompute, per_round, schedule)
+    return _with_allowance(max(ranks, key=lambda r: sum(r.values())), eff)
+
+
+def pipeline_ranks(
+    m: ModelShape, layout: Layout, micro_batch: int, recompute: str, per_round: int, schedule: str
+) -> list[dict[str, float]]:
+    """GiB by category on the first and on the last pipeline rank, FSDP under a
     pipeline as stratus runs it: a stage keeps its blocks' bf16 parameters gathered through a
     round and accumulates their whole fp32 gradients until the round's last backward (FSDP
     reduce-scatters once a round). The last stage also keeps each micro batch's bf16 logits
-    until its backward, and every stage a receive buffer per micro batch of the round. GPipe
-    holds a round's micro batches in flight, 1F1B as many as the pipeline is deep on the first
-    rank and one on the last."""
+    until its backward, and every stage a receive buffer per micro batch of the round. The
+    micro batches in flight are the schedule's (in_flight)."""
     t, shards, pp = layout.tp, layout.dp_shard, layout.pp
     bounds = split_layers(m.layers, layout.stages)
     embed = m.vocab * m.hidden
     tokens = micro_batch * m.seq_len
     block = block_activation_bytes(m, t, recompute)
-    v = layout.stages_per_rank
-    # interleaving: a rank's chunks hold (1 + (pp - 1)/(pp v)) times 1F1B's (Korthikanti)
-    extra = 1 + (pp - 1) / (pp * v) if v > 1 else 1.0
     ranks = []
-    for first, own in ((True, range(0, layout.stages, pp)), (False, range(pp - 1, layout.stages, pp))):
+    for rank, own in ((0, range(0, layout.stages, pp)), (pp - 1, range(pp - 1, layout.stages, pp))):
+        first = rank == 0
         layers = sum(len(bounds[s]) for s in own)  # the rank's stages (a loop: r, r + pp, ...)
         params = layers * layer_params(m) + embed + (0 if first else m.hidden)
-        flight = per_round if schedule == "gpipe" else (min(pp, per_round) if first else 1)
-        steady = per_round > flight  # a backward ran before the peak: the round's gradients exist
-        acts = tokens * flight * layers * block * extra
+        held, steady = in_flight(schedule, rank, pp, layout.stages_per_rank, per_round)
+        acts = tokens * held * layers * block
         # torch's stage allocates a receive buffer per micro batch of the round up front, for
         # the hidden states (every stage but the first) and for their gradients (every stage
         # but the last), and keeps them through the round: bf16, sequence-sharded over tp
         boundaries = sum((s > 0) + (s < layout.stages - 1) for s in own)
         acts += per_round * boundaries * tokens * 2 * m.hidden / t
-        temps = 0.0
+        temps, grads = 0.0, 4 * params / t if steady else 0.0
         if not first:
-            acts += tokens * flight * (head_activation_bytes(m, t, False) + 2 * m.vocab)
+            # the last stage's micro batches in flight: all of a round under GPipe, else one
+            logits = per_round if schedule == "gpipe" else 1
+            acts += tokens * logits * (head_activation_bytes(m, t, False) + 2 * m.vocab)
             temps = tokens * loss_backward_bytes(m, t, False)
+            if schedule == "gpipe":
+                # the round's first backward starts at the loss, whose buffers are freed
+                # before the stage's gradients are made: the peak holds the larger of the two
+                temps, grads = max(temps - grads, 0.0), min(temps, grads)
         elif steady:
-            temps = 4 * embed / t  # the embedding's dense fp32 gradient, before it is accumulated
+            # the embedding's gradient before it is accumulated, whole-vocabulary on every TP
+            # rank: DTensor has no vocabulary-sharded strategy for the embedding's backward
+            # (_ops/_embedding_ops.py), so under sequence parallelism it makes a Partial of the
+            # whole table and reduce-scatters it to this rank's rows
+            temps = 4 * embed
         parts = {
             "parameters": 4 * params / (t * shards) + 2 * params / t + 4 * m.seq_len * m.head_dim,
-            "gradients": 4 * params / t if steady else 0.0,
+            "gradients": grads,
             "optimizer": 8 * params / (t * shards),
             "activations": acts,
             "temporaries": temps,
         }
-        ranks.append({k: v / GIB for k, v in parts.items()})
-    out = max(ranks, key=lambda r: sum(r.values()))
-    dynamic = sum(out.values())
-    out["allowance"] = eff.reserved_gb + eff.fragmentation * dynamic
-    out["total"] = dynamic + out["allowance"]
-    return out
+        ranks.append({k: b / GIB for k, b in parts.items()})
+    return ranks

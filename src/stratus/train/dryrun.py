@@ -326,12 +326,20 @@ def _measure_as(cfg: Config, layout: Layout, world_size: int, rank: int, steps: 
 def _forget_meshes() -> None:
     """Drop DTensor's sharding and redistribution caches. They are keyed by mesh, and a mesh
     compares equal to one of the same shape from a destroyed process group: a later dry run
-    in this process would reuse plans that name the dead group's collectives."""
-    from torch.distributed.tensor import _redistribute, debug
+    in this process would reuse plans that name the dead group's collectives. Private, and
+    different between torch versions: 2.9 keeps one Python cache and a transform cache, 2.13
+    adds a native fast path and redistribution planners."""
+    from torch.distributed.tensor import DTensor, _redistribute
 
-    clear = getattr(debug, "_clear_sharding_prop_cache", None) or debug._clear_python_sharding_prop_cache
-    clear()
-    getattr(_redistribute, "clear_redistribute_planner_cache", lambda: None)()
+    cached = DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding
+    (getattr(cached, "cache_clear", None) or cached.cache.cache_clear)()
+    for clear in (
+        getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None),
+        getattr(_redistribute, "clear_redistribute_planner_cache", None),
+        getattr(getattr(_redistribute, "_gen_transform_infos", None), "cache_clear", None),
+    ):
+        if clear is not None:
+            clear()
 
 
 @contextlib.contextmanager
