@@ -25,7 +25,7 @@ LLAMA_8B = ["--model.n_layers=4", "--model.vocab_size=128256"]
 PIPE = ["--model.n_layers=8", "--parallel.pp=2", "--eval.interval=0", "--train.global_batch=256"]
 # (config, GPUs, GPU, overrides)
 GRID = {
-    "8b-selective": ("llama3-8b", 64, H100, []),
+    "8b-selective (shipped llama3-8b)": ("llama3-8b", 64, H100, []),
     "8b-none": ("llama3-8b", 64, H100, ["--parallel.activation_checkpoint=none"]),
     "8b-full": ("llama3-8b", 64, H100, ["--parallel.activation_checkpoint=full"]),
     "8b-micro2": ("llama3-8b", 64, H100, ["--train.micro_batch=2"]),
@@ -49,8 +49,7 @@ GRID = {
         H100,
         ["--parallel.tp=4", "--parallel.loss_parallel=true"],
     ),
-    "8b-hsdp-8x8": ("llama3-8b", 64, H100, ["--parallel.dp_replicate=8"]),
-    "8b-8-gpus": ("llama3-8b", 8, H100, []),
+    "8b-hsdp-8x8": ("llama3-8b", 64, H100, ["--parallel.dp_replicate=8"]),  # FSDP 8 a replica
     # the layout where Korthikanti's selective recompute and stratus's parted by 25%
     "70b-tp2-selective": (
         "llama3-70b",
@@ -70,7 +69,6 @@ GRID = {
         [*PIPE, "--parallel.pp_schedule=interleaved_1f1b", "--parallel.pp_stages_per_rank=2"],
     ),
     # the shipped GPU configs at the size in their headers
-    "shipped-llama3-8b": ("llama3-8b", 64, H100, []),
     "shipped-llama3-70b": ("llama3-70b", 512, H100, ["--model.n_layers=8"]),
     "shipped-gpt3-175b": ("gpt3-175b", 1024, "a100-80gb", ["--model.n_layers=4"]),
     "shipped-llama3-405b": ("llama3-405b", 1024, H100, ["--model.n_layers=4"]),
