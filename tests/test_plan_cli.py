@@ -61,6 +61,25 @@ def test_json_output_follows_the_documented_schema():
     assert 10 < obj["training_days"] < 1000
 
 
+def test_explain_names_every_term_and_which_are_fitted():
+    """--explain lists what the prediction rests on; exactly the five calibrated terms (docs/
+    planning.md) are marked fitted, so a term's kind cannot drift from how it was set."""
+    base = ["--model", "llama3-70b", "--cluster", "dgx-h100", "--nodes", "32", "--explain"]
+    r = plan(*base, "--software", "megatron-core", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["explain"]
+    assert all(set(row) == {"term", "value", "kind", "what"} and row["what"] for row in rows)
+    assert {row["kind"] for row in rows} == {"physical", "fitted"}
+    fitted = {row["term"] for row in rows if row["kind"] == "fitted"}
+    calibrated = {"gemm_half_dim", "sustained_fraction", "elementwise_bytes", "kernel_gap_us"}
+    assert fitted == calibrated | {"megatron-core.tp_overlap"}
+    values = {row["term"]: row["value"] for row in rows}
+    assert values["gpu.bf16_tflops"] == 989 and values["sustained_fraction"] == 0.74
+    human = plan(*base)
+    assert human.returncode == 0 and "what the prediction rests on" in human.stdout
+    assert "plan/memory.py" in human.stdout  # stratus's memory is counted from its code
+
+
 def test_human_output_and_plot(tmp_path):
     png = tmp_path / "plan.png"
     r = plan(
