@@ -1,4 +1,4 @@
-"""The hardware catalog as data: GPUs, links, networks, node presets and software profiles.
+"""The hardware catalog as data: GPUs, links, networks, node presets, software profiles and CPU hosts.
 
 The built-in catalog.toml ships with the package; a user TOML file with the same tables adds
 entries or replaces an entry of the same name whole, so a site can describe its own nodes
@@ -23,7 +23,7 @@ else:  # pragma: no cover
 
 BUILTIN = Path(__file__).with_name("catalog.toml")
 ENV_VAR = "STRATUS_PLAN_CATALOG"
-TABLES = ("gpu", "link", "network", "node", "software")
+TABLES = ("gpu", "link", "network", "node", "software", "cpu")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,9 @@ class Gpu:
     gemm_fraction: float  # best fraction of peak a large bf16 matmul reaches on the real chip
     link: str
     cuda_name: str = ""  # what torch.cuda.get_device_name contains for this GPU ("" = never matched)
+    # bytes per activation element at the compute dtype stratus uses on the device (its
+    # dtype = "auto": bf16 on a GPU, fp32 on a CPU); bf16_tflops is the peak at that dtype
+    compute_bytes: int = 2
 
     @property
     def peak_flops(self) -> float:
@@ -84,6 +87,26 @@ class Software:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "zero_levels", tuple(self.zero_levels))  # TOML gives a list
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """A CPU host as measured by benchmarks/cpu_entry.py: what a CPU run of stratus (fp32,
+    gloo) is planned with (plan/host.py turns it into per-rank figures)."""
+
+    key: str
+    name: str
+    cores: int
+    ram_gb: float
+    fp32_gflops_per_core: float  # a large matmul on one thread
+    gemm_half_dim: float  # the matmul size curve's half point, from a small matmul's rate
+    attention_fraction: float  # SDPA's causal forward + backward rate / the large matmul's
+    core_gbps: float  # copy bandwidth (read + write) of one thread
+    dram_gbps: float  # ... of all threads
+    kernel_us: float  # fixed cost per kernel of a block's forward + backward
+    gloo_gbps: float  # all-reduce bus bandwidth over loopback
+    gloo_latency_us: float  # a 4-byte all-reduce
+    rss_baseline_gb: float  # resident memory before the model: torch, the trainer, kernels
 
 
 @dataclass(frozen=True)
@@ -144,6 +167,9 @@ class Catalog:
 
     def software(self, key: str) -> Software:
         return self._build(Software, "software", key)
+
+    def cpu(self, key: str) -> Cpu:
+        return self._build(Cpu, "cpu", key)
 
     def gpu_for_device(self, device_name: str, memory_gib: float | None = None) -> Gpu | None:
         """The catalog's entry for a GPU as torch names it ("NVIDIA H100 80GB HBM3"): the

@@ -81,6 +81,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument(
         "--storage-gbps", type=float, default=100.0, help="checkpoint write bandwidth, GB/s (default 100)"
     )
+    g = sp.add_argument_group("a run stratus made")
+    g.add_argument(
+        "--from-run",
+        metavar="RUN",
+        help="predict a finished or running run's step time and memory on its own hardware and "
+        "layout, beside what it measured",
+    )
+    g.add_argument(
+        "--cpu", metavar="NAME", help="the [cpu] catalog entry of a CPU run's host (default ci-2core)"
+    )
     g = sp.add_argument_group("output")
     g.add_argument("--top", type=int, default=5, help="layouts to show (default 5)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
@@ -190,6 +200,10 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str] | None = None) -> No
     from stratus.plan.explain import explain_rows, render_explain
     from stratus.plan.report import plot, render, to_json
 
+    if args.from_run:
+        return from_run(args)
+    if args.cpu:
+        raise StratusError("--cpu names the host of a CPU run: use it with --from-run RUN")
     plan = build_plan(args)
     if args.emit_config:
         from stratus.plan.emit import emit_config
@@ -201,16 +215,45 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str] | None = None) -> No
     if args.json:
         out = to_json(plan)
         if args.explain:
-            out["explain"] = explain_rows(plan)
+            out["explain"] = explain_rows(plan.cluster, plan.software)
         print(json.dumps(out))
     else:
         render(plan)
         if args.explain:
-            render_explain(explain_rows(plan))
+            render_explain(explain_rows(plan.cluster, plan.software))
         if args.plot:
             print(f"plot: {args.plot}")
         if args.emit_config:
             print(f"config: {args.emit_config}")
+
+
+# what --from-run reads from the run itself; setting one of these as well is a mistake
+RUN_DECIDES = (
+    "model", "layers", "hidden", "heads", "kv_heads", "ffn_hidden", "seq_len", "vocab", "cluster",
+    "nodes", "gpu", "gpus", "gpus_per_node", "network", "global_batch", "tokens", "tp", "pp", "dp",
+    "dp_replicate", "micro_batch", "recompute", "interleave", "zero", "plot", "emit_config",
+)  # fmt: skip
+
+
+def from_run(args: argparse.Namespace) -> None:
+    from stratus.plan import from_run as F
+    from stratus.plan.catalog import load_catalog
+    from stratus.plan.explain import explain_rows, render_explain
+
+    given = [f"--{k.replace('_', '-')}" for k in RUN_DECIDES if getattr(args, k) is not None]
+    if given:
+        raise StratusError(
+            f"--from-run takes the model, layout and hardware from the run; leave out {' '.join(given)}"
+        )
+    catalog = load_catalog(args.catalog)
+    c = F.compare(args.from_run, catalog, args.software, args.cpu)
+    rows = explain_rows(c.cluster, c.software, c.efficiency) if args.explain else None
+    if args.json:
+        print(json.dumps({**c.as_dict(), **({"explain": rows} if rows else {})}))
+        return
+    F.render(c)
+    if rows:
+        render_explain(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 from stratus.distributed.layout import Layout
 from stratus.errors import StratusError
 from stratus.plan import model as M
-from stratus.plan.catalog import Cluster, Software
+from stratus.plan.catalog import Cluster, Gpu, Software
 from stratus.plan.comm import collective_time, group_for, p2p_time
 from stratus.plan.efficiency import DEFAULT, KERNELS_PER_LAYER, UNFUSED_FACTOR, Efficiency, gemm_efficiency
 from stratus.plan.memory import stratus_memory, stratus_pipeline_memory
@@ -182,11 +182,11 @@ class _LayerTimes:
     tp_recompute: float
 
 
-def _gemm(flops_m: float, n: float, k: float, gpu_peak: float, frac: float, hbm: float, eff) -> float:
+def _gemm(flops_m: float, n: float, k: float, gpu: Gpu, hbm: float, eff) -> float:
     """Roofline of one matmul: the slower of its compute at the shape's efficiency and its HBM traffic."""
     flops = 2 * flops_m * n * k
-    compute = flops / (gpu_peak * gemm_efficiency(frac, flops_m, n, k, eff))
-    traffic = 2 * (flops_m * k + k * n + flops_m * n) / hbm
+    compute = flops / (gpu.peak_flops * gemm_efficiency(gpu.gemm_fraction, flops_m, n, k, eff))
+    traffic = gpu.compute_bytes * (flops_m * k + k * n + flops_m * n) / hbm
     return max(compute, traffic)
 
 
@@ -195,13 +195,13 @@ def _layer_times(
     m: ModelShape, cluster: Cluster, sw: Software, tp: int, micro_batch: int, recompute: str, eff: Efficiency
 ) -> _LayerTimes:
     gpu = cluster.gpu
-    peak, frac = gpu.peak_flops, gpu.gemm_fraction
+    peak, frac, a = gpu.peak_flops, gpu.gemm_fraction, gpu.compute_bytes
     hbm = gpu.hbm_gbps * 1e9 * eff.hbm_fraction
     T = micro_batch * m.seq_len  # tokens in the micro batch
     h, f, s = m.hidden, m.ffn_hidden, m.seq_len
     up = (2 if m.gated else 1) * f
     gemms = [(T, (h + 2 * m.kv_dim) / tp, h), (T, h, h / tp), (T, up / tp, h), (T, h, f / tp)]
-    g_fwd = sum(_gemm(a, b, c, peak, frac, hbm, eff) for a, b, c in gemms)
+    g_fwd = sum(_gemm(rows, n, k, gpu, hbm, eff) for rows, n, k in gemms)
     # attention core, forward: QK^T and AV over all s keys = 4 T s h / tp FLOPs
     heads = m.heads / tp
     attn_flops = 4 * T * s * h / tp
@@ -211,14 +211,15 @@ def _layer_times(
         a_bwd = 2.5 * a_fwd  # the backward recomputes the scores: 5 matmuls to the forward's 2
         a_recompute = 0.0  # nothing of the attention core is stored, nothing to recompute
     else:  # scores materialised: batched (s x d_head) @ (d_head x s) matmuls plus softmax traffic
-        per = _gemm(s, s, m.head_dim, peak, frac, hbm, eff) * micro_batch * heads
-        score_bytes = 2 * micro_batch * heads * s * s
+        per = _gemm(s, s, m.head_dim, gpu, hbm, eff) * micro_batch * heads
+        score_bytes = a * micro_batch * heads * s * s
         passes = 4 + (3 if m.arch == "gpt" else 0)  # write, softmax read+write, read for AV (+ dropout)
         a_fwd = 2 * per + passes * score_bytes / hbm
         a_bwd = 2 * a_fwd
         a_recompute = a_fwd if recompute == "selective" else 0.0
-    # memory-bound elementwise kernels; with SP the hidden-sized ones run on T/tp tokens
-    e_bytes = eff.elementwise_bytes * (1 if sw.fused_elementwise else UNFUSED_FACTOR)
+    # memory-bound elementwise kernels (bytes counted at bf16); with SP the hidden-sized ones
+    # run on T/tp tokens
+    e_bytes = eff.elementwise_bytes * (1 if sw.fused_elementwise else UNFUSED_FACTOR) * a / 2
     h_split = tp if sw.sequence_parallel else 1
     elem = e_bytes * T * (h / h_split + f / tp) / hbm
     e_fwd, e_bwd = elem / 3, 2 * elem / 3
@@ -236,7 +237,7 @@ def _layer_times(
     tp_fwd = 0.0
     if tp > 1:
         group = group_for(tp, 1, cluster.gpus_per_node)
-        act = 2.0 * T * h
+        act = a * T * h
         tp_fwd = 2 * (
             collective_time("all_gather", act, group, cluster, eff)
             + collective_time("reduce_scatter", act, group, cluster, eff)
@@ -250,12 +251,12 @@ def _head_time(m: ModelShape, cluster: Cluster, sw: Software, tp: int, micro_bat
     gpu = cluster.gpu
     hbm = gpu.hbm_gbps * 1e9 * eff.hbm_fraction
     T = micro_batch * m.seq_len
-    logits = _gemm(T, m.vocab / tp, m.hidden, gpu.peak_flops, gpu.gemm_fraction, hbm, eff)
+    logits = _gemm(T, m.vocab / tp, m.hidden, gpu, hbm, eff)
     ce = eff.cross_entropy_bytes * T * m.vocab / tp / hbm
     t = 3 * logits + ce
     if tp > 1:
         group = group_for(tp, 1, cluster.gpus_per_node)
-        t += 2 * collective_time("all_gather", 2.0 * T * m.hidden, group, cluster, eff)
+        t += 2 * collective_time("all_gather", gpu.compute_bytes * T * m.hidden, group, cluster, eff)
     return t
 
 
@@ -306,6 +307,7 @@ def estimate(
     if problem:
         raise StratusError(problem)
     t, p, d, b, v = layout.tp, layout.pp, layout.dp, layout.micro_batch, layout.interleave
+    a = cluster.gpu.compute_bytes
     micro_batches = global_batch // (d * b)
     lt = _layer_times(m, cluster, sw, t, b, layout.recompute, eff)
     head = _head_time(m, cluster, sw, t, b, eff)
@@ -326,7 +328,7 @@ def estimate(
     # pipeline sends/receives: activations (T, h), split over TP ranks with SP (scatter-gather)
     exposed_p2p = 0.0
     if p > 1:
-        act = 2.0 * b * m.seq_len * m.hidden / (t if sw.sequence_parallel else 1)
+        act = a * b * m.seq_len * m.hidden / (t if sw.sequence_parallel else 1)
         crosses = t * d >= cluster.gpus_per_node
         one = p2p_time(act, crosses, cluster, eff)
         hops = 2 * (p - 1) if sw.p2p_overlap else 2 * (micro_batches * v + p - 1)
@@ -341,7 +343,7 @@ def estimate(
     shards = layout.layout.dp_shard
     group = group_for(shards, t, cluster.gpus_per_node)
     rs = collective_time("reduce_scatter", local * sw.grad_bytes, group, cluster, eff)
-    ag = collective_time("all_gather", local * 2, group, cluster, eff)
+    ag = collective_time("all_gather", local * a, group, cluster, eff)
     fwd_mb = layers_mb * (lt.fwd + (1 - sw.tp_overlap) * lt.tp_fwd)
     bwd_mb = t_mb - fwd_mb
     if sw.stratus and p > 1:
@@ -412,13 +414,16 @@ def memory_per_gpu(
     stratus is counted as it runs (plan/memory.py); the other frameworks by Korthikanti's
     and Megatron's accounting."""
     t, p, d, b, v = layout.tp, layout.pp, layout.dp, layout.micro_batch, layout.interleave
+    a = cluster.gpu.compute_bytes
     if sw.stratus:
         # stratus as it runs (plan/memory.py), checked against the dry run of the real code;
         # a plan's pipeline runs all of a step's micro batches in one round (emit.py)
         if p == 1:
-            held = stratus_memory(m, layout.layout, b, layout.recompute, micro_batches, eff=eff)
+            held = stratus_memory(m, layout.layout, b, layout.recompute, micro_batches, eff=eff, act_bytes=a)
         else:
-            held = stratus_pipeline_memory(m, layout.layout, b, layout.recompute, micro_batches, "1f1b", eff)
+            held = stratus_pipeline_memory(
+                m, layout.layout, b, layout.recompute, micro_batches, "1f1b", eff, act_bytes=a
+            )
         return {
             "weights": held["parameters"],
             "grads": held["gradients"],

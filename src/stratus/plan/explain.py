@@ -6,17 +6,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from stratus.plan.efficiency import terms
+from stratus.plan.efficiency import DEFAULT, Efficiency, terms
 
 
-def explain_rows(plan) -> list[dict[str, Any]]:
-    gpu, sw = plan.cluster.gpu, plan.software
+def explain_rows(cluster, sw, eff: Efficiency = DEFAULT) -> list[dict[str, Any]]:
+    """The terms of a plan on `cluster` with software `sw`; a term `eff` sets apart from the
+    defaults (a CPU host's, plan/host.py) is shown as measured on that host."""
+    gpu = cluster.gpu
     rows = [
         {
             "term": "gpu.bf16_tflops",
             "value": gpu.bf16_tflops,
             "kind": "physical",
-            "what": f"{gpu.name}: dense bf16 peak (vendor)",
+            "what": f"{gpu.name}: dense bf16 peak (vendor)"
+            if gpu.compute_bytes == 2
+            else f"{gpu.name}: fp32 matmul rate of a rank's cores (measured)",
         },
         {
             "term": "gpu.gemm_fraction",
@@ -47,7 +51,10 @@ def explain_rows(plan) -> list[dict[str, Any]]:
             "what": "share of tensor-parallel traffic hidden under compute",
         }
     )
-    rows += terms()
+    for row in terms(eff):
+        if row["value"] != getattr(DEFAULT, row["term"]):
+            row = {**row, "kind": "physical", "what": f"{row['what']} (this host: benchmarks/cpu_entry.py)"}
+        rows.append(row)
     if sw.stratus:
         memory = (
             "counted from the code (plan/memory.py), pipelines included; within 5% of the dry "

@@ -19,36 +19,37 @@ from stratus.plan.efficiency import DEFAULT, Efficiency
 GIB = 2**30
 
 
-def block_activation_bytes(m: ModelShape, tp: int, recompute: str) -> float:
+def block_activation_bytes(m: ModelShape, tp: int, recompute: str, a: int = 2) -> float:
     """Bytes one block keeps for its backward, per token of a micro batch, on one of `tp`
     ranks (sequence parallel: what runs on sequence shards is divided by tp, and so are the
     head- and MLP-sharded tensors; the gathered inputs of column-parallel matmuls and the
-    full-sequence partial outputs of row-parallel ones are not). bf16 = 2 bytes, fp32 = 4."""
+    full-sequence partial outputs of row-parallel ones are not). `a` bytes an element at the
+    compute dtype (bf16 2, fp32 4); the norms' statistics and attention's lse are fp32 always."""
     h, kv, f, heads, t = m.hidden, m.kv_dim, m.ffn_hidden, m.heads, tp
     lse = 4 * heads  # attention's log-sum-exp, fp32 per head
     if recompute == "full":
-        return 2 * h / t  # the block's input; everything else is recomputed
+        return a * h / t  # the block's input; everything else is recomputed
     if recompute == "selective":
         # parallelize._SAVE: every matmul's and attention's output. Column-parallel q, k, v,
         # w1, w3 and attention's output (+ lse) are sharded; the row-parallel wo and w2
         # outputs are whole-sequence partial sums before their reduce-scatter.
-        sharded = 2 * h + 2 * h + 2 * kv + 2 * kv + 2 * f + 2 * f + lse  # input, q, out, k, v, w1, w3
-        row_outputs = 2 * h + 2 * h
+        sharded = a * (h + h + kv + kv + f + f) + lse  # input, q, out, k, v, w1, w3
+        row_outputs = a * (h + h)
         return sharded / t + row_outputs
     # none: two RMSNorms in fp32 (input and normalized, + rstd) on sequence shards; the
     # gathered inputs of q/k/v and of w1/w3; attention's q, k, v, output and lse; wo's input;
     # w1's and w3's outputs, SiLU's output and w2's input.
     norms = 2 * (4 * h + 4 * h + 4)
-    gathered = 2 * h + 2 * h
-    sharded = 2 * h + 2 * kv + 2 * kv + 2 * h + lse + 2 * h + 4 * 2 * f
+    gathered = a * (h + h)
+    sharded = a * (h + kv + kv + h + h + 4 * f) + lse
     return norms / t + gathered + sharded / t
 
 
-def head_activation_bytes(m: ModelShape, tp: int, loss_parallel: bool) -> float:
+def head_activation_bytes(m: ModelShape, tp: int, loss_parallel: bool, a: int = 2) -> float:
     """The output layer's saved tensors per token: the final norm (fp32, sequence shards), its
     output gathered for the output projection, and the fp32 log-softmax the loss keeps."""
     vocab = m.vocab / (tp if loss_parallel else 1)
-    return (8 * m.hidden + 4) / tp + 2 * m.hidden + 4 * vocab
+    return (8 * m.hidden + 4) / tp + a * m.hidden + 4 * vocab
 
 
 def loss_backward_bytes(m: ModelShape, tp: int, loss_parallel: bool) -> float:
@@ -66,16 +67,19 @@ def stratus_memory(
     accum: int,
     loss_parallel: bool = False,
     eff: Efficiency = DEFAULT,
+    act_bytes: int = 2,
 ) -> dict[str, float]:
     """GiB per GPU by the dry run's categories, plus the allowance and the total, for a layout
-    without pipelining (FSDP or HSDP, TP+SP)."""
+    without pipelining (FSDP or HSDP, TP+SP); activations at `act_bytes` an element (bf16 on
+    a GPU, fp32 on a CPU)."""
     t, shards = layout.tp, layout.dp_shard
     P = param_count(m)
     local = P / (t * shards)  # each rank's shard of every parameter (HSDP: of its replica's)
     rope = 4 * m.seq_len * m.head_dim  # the cos and sin tables, fp32
     tokens = micro_batch * m.seq_len
     acts = tokens * (
-        m.layers * block_activation_bytes(m, t, recompute) + head_activation_bytes(m, t, loss_parallel)
+        m.layers * block_activation_bytes(m, t, recompute, act_bytes)
+        + head_activation_bytes(m, t, loss_parallel, act_bytes)
     )
     parts = {
         "parameters": 4 * local + rope,  # fp32 master shards; bf16 copies exist only per block in use
@@ -119,15 +123,22 @@ def stratus_pipeline_memory(
     per_round: int,
     schedule: str,
     eff: Efficiency = DEFAULT,
+    act_bytes: int = 2,
 ) -> dict[str, float]:
     """GiB per GPU on the fuller of the first and the last pipeline rank (pipeline_ranks),
     plus the allowance and the total."""
-    ranks = pipeline_ranks(m, layout, micro_batch, recompute, per_round, schedule)
+    ranks = pipeline_ranks(m, layout, micro_batch, recompute, per_round, schedule, act_bytes)
     return _with_allowance(max(ranks, key=lambda r: sum(r.values())), eff)
 
 
 def pipeline_ranks(
-    m: ModelShape, layout: Layout, micro_batch: int, recompute: str, per_round: int, schedule: str
+    m: ModelShape,
+    layout: Layout,
+    micro_batch: int,
+    recompute: str,
+    per_round: int,
+    schedule: str,
+    a: int = 2,
 ) -> list[dict[str, float]]:
     """GiB by category on the first and on the last pipeline rank, FSDP under a
     pipeline as stratus runs it: a stage keeps its blocks' bf16 parameters gathered through a
@@ -139,7 +150,7 @@ def pipeline_ranks(
     bounds = split_layers(m.layers, layout.stages)
     embed = m.vocab * m.hidden
     tokens = micro_batch * m.seq_len
-    block = block_activation_bytes(m, t, recompute)
+    block = block_activation_bytes(m, t, recompute, a)
     ranks = []
     for rank, own in ((0, range(0, layout.stages, pp)), (pp - 1, range(pp - 1, layout.stages, pp))):
         first = rank == 0
@@ -151,12 +162,12 @@ def pipeline_ranks(
         # the hidden states (every stage but the first) and for their gradients (every stage
         # but the last), and keeps them through the round: bf16, sequence-sharded over tp
         boundaries = sum((s > 0) + (s < layout.stages - 1) for s in own)
-        acts += per_round * boundaries * tokens * 2 * m.hidden / t
+        acts += per_round * boundaries * tokens * a * m.hidden / t
         temps, grads = 0.0, 4 * params / t if steady else 0.0
         if not first:
             # the last stage's micro batches in flight: all of a round under GPipe, else one
             logits = per_round if schedule == "gpipe" else 1
-            acts += tokens * logits * (head_activation_bytes(m, t, False) + 2 * m.vocab)
+            acts += tokens * logits * (head_activation_bytes(m, t, False, a) + a * m.vocab)
             temps = tokens * loss_backward_bytes(m, t, False)
             if schedule == "gpipe":
                 # the round's first backward starts at the loss, whose buffers are freed
@@ -169,7 +180,7 @@ def pipeline_ranks(
             # whole table and reduce-scatters it to this rank's rows
             temps = 4 * embed
         parts = {
-            "parameters": 4 * params / (t * shards) + 2 * params / t + 4 * m.seq_len * m.head_dim,
+            "parameters": 4 * params / (t * shards) + a * params / t + 4 * m.seq_len * m.head_dim,
             "gradients": grads,
             "optimizer": 8 * params / (t * shards),
             "activations": acts,

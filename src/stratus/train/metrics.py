@@ -59,6 +59,7 @@ def run_facts(job) -> dict[str, Any]:
         "layout": job.layout.describe(),
         "device": device_name(job.env.device),
         "dtype": str(job.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),  # a CPU rank's compute (plan --from-run)
         "params": job.model.num_params(),
         "global_batch": job.global_batch,
         "seq_len": job.cfg.data.seq_len,
