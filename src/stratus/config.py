@@ -200,12 +200,6 @@ class ParallelConfig(Section):
         "none",
         description="recompute activations in backward: none, selective (keep matmul and attention outputs), full (every block)",
     )
-
-    @field_validator("activation_checkpoint", mode="before")
-    @classmethod
-    def _none_is_a_mode(cls, v: Any) -> Any:
-        return "none" if v is None else v  # `--parallel.activation_checkpoint=none` reads as None
-
     init: Literal["auto", "full", "meta"] = Field(
         "auto",
         description="full = every rank builds the whole model from the seed, then shards it (identical in every layout); meta = shapes only, shard, then initialize each shard in place (for models larger than one device); auto = meta on GPU with more than one rank",
@@ -213,6 +207,11 @@ class ParallelConfig(Section):
     timeout_s: float = Field(
         600.0, gt=0, description="seconds before process-group set-up or a collective is declared hung"
     )
+
+    @field_validator("activation_checkpoint", mode="before")
+    @classmethod
+    def _none_is_a_mode(cls, v: Any) -> Any:
+        return "none" if v is None else v  # `--parallel.activation_checkpoint=none` reads as None
 
     @model_validator(mode="after")
     def _consistent(self) -> ParallelConfig:
