@@ -1,7 +1,7 @@
-"""The continuous-batching engine: the per-row batched forward equals the model's own,
-chunked prefill and batching leave greedy output unchanged, per-request sampling and
-penalties, logprobs, stop strings, cancellation, the bounded queue, context overflow,
-the KV memory budget, and a failing model."""
+"""The continuous-batching engine: paged attention over a mixed batch equals the model's own
+forward, chunked prefill, batching, prefix-cache hits and preemption leave greedy output
+unchanged, per-request sampling and penalties, logprobs, stop strings, cancellation, the
+bounded queue, context overflow, the KV memory budget, and a failing model."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 
 from stratus.data.tokenizer import load_tokenizer
 from stratus.errors import StratusError
-from stratus.inference.batched import SlotCache, forward_rows
 from stratus.inference.choose import choose
 from stratus.inference.detok import Detokenizer, token_bytes
 from stratus.inference.engine import Engine, EngineConfig, wait_idle
+from stratus.inference.paged import BlockPool, PagedStep
 from stratus.inference.request import ContextOverflow, QueueFull, Request, RequestParams
 from tests.serving import tiny_model, wait_until
 
@@ -57,24 +57,54 @@ def plain_greedy(model, ids: list[int], n: int, eos: int) -> list[int]:
     return out
 
 
-def test_batched_forward_matches_the_model_at_different_positions(model):
-    cfg = model.cfg
-    cache = SlotCache(cfg, 4, cfg.max_seq_len, "cpu", torch.float32)
-    a, b = torch.randint(0, 320, (1, 21)), torch.randint(0, 320, (1, 9))
+def _paged(model, pool, rows):
+    """One forward of the model over rows (block table, first position, tokens), flattened to
+    one row as the engine runs it: logits (N, vocab) of every token."""
+    tokens = torch.cat([t for _, _, t in rows], dim=1)
+    positions = torch.cat([torch.arange(p, p + t.shape[1]) for _, p, t in rows])[None]
+    step = PagedStep(pool, [(blocks, p, t.shape[1]) for blocks, p, t in rows], "cpu")
     with torch.no_grad():
-        full_a, full_b = model(a), model(b)
-    # a in slot 2, prefilled in two chunks; b in slot 0 in one
-    forward_rows(model, cache, torch.tensor([2]), a[:, :7], torch.tensor([0]))
-    part = forward_rows(model, cache, torch.tensor([2]), a[:, 7:20], torch.tensor([7]), last_only=False)
-    whole_b = forward_rows(model, cache, torch.tensor([0]), b[:, :8], torch.tensor([0]), last_only=False)
-    torch.testing.assert_close(part[0], full_a[0, 7:20], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(whole_b[0], full_b[0, :8], atol=1e-4, rtol=1e-4)
-    # one decode step for both rows, at positions 20 and 8
-    step = forward_rows(
-        model, cache, torch.tensor([2, 0]), torch.cat([a[:, 20:], b[:, 8:]]), torch.tensor([20, 8])
-    )
-    torch.testing.assert_close(step[0], full_a[0, -1], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(step[1], full_b[0, -1], atol=1e-4, rtol=1e-4)
+        return model(tokens, positions, step)[0]
+
+
+def _contiguous(model, x, chunks):
+    """The same sequence through `generate`'s contiguous cache, in the same chunks."""
+    cache, start, out = model.new_cache(1), 0, []
+    with torch.no_grad():
+        for n in chunks:
+            out.append(model(x[:, start : start + n], start, cache)[0])
+            start += n
+    return torch.cat(out)
+
+
+def test_paged_attention_over_a_mixed_batch_equals_contiguous_attention(model):
+    pool = BlockPool(model.cfg, 12, 4, "cpu", torch.float32)
+    a, b, c = torch.randint(0, 320, (1, 21)), torch.randint(0, 320, (1, 9)), torch.randint(0, 320, (1, 6))
+    blocks_a, blocks_b, blocks_c = [7, 2, 9, 0, 5, 11], [3, 1, 8], [4, 6]  # scattered blocks
+    # a prefilled in two chunks (the second after cached positions) beside b's whole prompt;
+    # then one step of two decodes at positions 20 and 8 and c's whole prompt, in one forward
+    first = _paged(model, pool, [(blocks_a, 0, a[:, :7])])
+    second = _paged(model, pool, [(blocks_a, 7, a[:, 7:20]), (blocks_b, 0, b[:, :8])])
+    third = _paged(model, pool, [(blocks_a, 20, a[:, 20:]), (blocks_b, 8, b[:, 8:]), (blocks_c, 0, c)])
+    paged_a = torch.cat([first, second[:13], third[:1]])
+    paged_b, paged_c = torch.cat([second[13:], third[1:2]]), third[2:]
+    for paged, x, chunks, blocks in (
+        (paged_a, a, [7, 13, 1], blocks_a),
+        (paged_b, b, [8, 1], blocks_b),
+        (paged_c, c, [6], blocks_c),
+    ):
+        contiguous = _contiguous(model, x, chunks)
+        # the sequence alone, in the same chunks: paged attention equals contiguous attention
+        alone, start = [], 0
+        for n in chunks:
+            alone.append(_paged(model, pool, [(blocks, start, x[:, start : start + n])]))
+            start += n
+        torch.testing.assert_close(torch.cat(alone), contiguous, atol=1e-5, rtol=0)
+        # batched with other rows, the fp32 matmuls of another shape round differently (the
+        # logits reach 20); and the model without a cache
+        torch.testing.assert_close(paged, contiguous, atol=5e-5, rtol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(paged, model(x)[0], atol=1e-4, rtol=0)
 
 
 def test_concurrent_chunked_greedy_equals_plain_greedy(engine, model, tok):
@@ -153,7 +183,7 @@ def test_cancel_frees_the_slot_at_once(engine, tok):
     events = engine.stream(prompt(tok, "x"), RequestParams(max_tokens=100, temperature=0, ignore_eos=True))
     next(events)
     events.close()  # the consumer goes away after one token
-    assert wait_idle(engine, 5) and engine.running() == 0 and len(engine._free) == engine.slots
+    assert wait_idle(engine, 5) and engine.running() == 0 and engine.pool.available() == engine.pool.blocks
 
 
 def test_bounded_queue_refuses_before_queuing(model, tok):
@@ -161,7 +191,7 @@ def test_bounded_queue_refuses_before_queuing(model, tok):
     try:
         long = RequestParams(max_tokens=100, temperature=0, ignore_eos=True)
         first = e.submit(prompt(tok, "x"), long, lambda ev: None)
-        wait_until(lambda: first.slot is not None, 5, "the first request never got a slot")
+        wait_until(lambda: first.blocks is not None, 5, "the first request never ran")
         e.submit(prompt(tok, "y"), long, lambda ev: None)  # waits
         with pytest.raises(QueueFull):
             e.submit(prompt(tok, "z"), long, lambda ev: None)
@@ -200,14 +230,70 @@ def test_short_request_after_a_long_one_finishes_first(engine, tok):
     assert order == ["short", "long"]
 
 
-def test_kv_budget_caps_the_slots(model, tok):
-    per_slot = SlotCache.bytes_per_slot(
-        model.cfg, 128, torch.float32
-    )  # 2 layers x 2 x 2 heads x 128 x 8 x 4 B
-    e = Engine(model, tok, EngineConfig(max_batch=16, kv_cache_mb=3 * per_slot / 2**20))
-    assert e.slots == 3 and e.cache.nbytes == 3 * per_slot
-    with pytest.raises(StratusError, match="holds no sequence"):
-        Engine(model, tok, EngineConfig(kv_cache_mb=per_slot / 2**21))
+def test_kv_budget_sizes_the_pool(model, tok):
+    per_block = BlockPool.bytes_per_block(
+        model.cfg, 16, torch.float32
+    )  # 2 layers x 2 x 16 x 2 heads x 8 x 4 B
+    e = Engine(model, tok, EngineConfig(max_batch=16, kv_cache_mb=24 * per_block / 2**20))
+    assert e.pool.blocks == 24 and e.pool.nbytes == 24 * per_block
+    with pytest.raises(StratusError, match="holds no block"):
+        Engine(model, tok, EngineConfig(kv_cache_mb=per_block / 2**21))
+
+
+def test_prefix_cache_hits_give_the_same_output_as_misses(model, tok):
+    e = Engine(model, tok, EngineConfig(max_batch=4, prefill_chunk=64, block_size=4)).start()
+    try:
+        ids = prompt(tok, "def alpha_1(beta):\n    return beta + alpha_1 * 3")  # several blocks
+        miss = e.generate(ids, GREEDY)
+        before = e.pool.hits
+        hit = e.generate(ids, GREEDY)
+        assert e.pool.hits - before == (len(ids) - 1) // 4  # every full block before the last token
+        assert hit.tokens == miss.tokens == plain_greedy(model, ids, 20, e.eos)
+        # the n choices of one request: the later ones wait for the first's blocks, then share them
+        before = e.pool.hits
+        other = prompt(tok, "value = count + total * 3 - alpha_1(beta)")
+        reqs = e.submit_many([(other, GREEDY, lambda ev: None)] * 3)
+        wait_until(lambda: all(r.done.is_set() for r in reqs), 30, "the choices did not finish")
+        assert e.pool.hits - before == 2 * ((len(other) - 1) // 4)
+        assert all(r.out == plain_greedy(model, other, 20, e.eos) for r in reqs)
+    finally:
+        e.stop()
+
+
+def test_preemption_under_a_small_pool_finishes_every_request_with_the_same_text(model, tok):
+    # 12 blocks of 4 positions: room for about two of these sequences at once, and four run
+    e = Engine(
+        model,
+        tok,
+        EngineConfig(
+            max_batch=4,
+            prefill_chunk=64,
+            block_size=4,
+            kv_cache_mb=12 * BlockPool.bytes_per_block(model.cfg, 4, torch.float32) / 2**20,
+        ),
+    ).start()
+    try:
+        texts = ["def alpha_1(beta):", "x", "value = count", "return beta"]
+        params = RequestParams(max_tokens=16, temperature=0, ignore_eos=True)
+        reqs = e.submit_many([(prompt(tok, t), params, lambda ev: None) for t in texts])
+        wait_until(lambda: all(r.done.is_set() for r in reqs), 60, "the requests did not finish")
+        assert e.preemptions > 0
+        for t, r in zip(texts, reqs, strict=True):
+            ids = prompt(tok, t)
+            assert r.finish_reason == "length" and r.out == _plain_ignoring_eos(model, ids, 16)
+        assert e.pool.available() == e.pool.blocks
+    finally:
+        e.stop()
+
+
+def _plain_ignoring_eos(model, ids: list[int], n: int) -> list[int]:
+    ids, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids]))[0, -1, :320].argmax())
+            out.append(nxt)
+            ids.append(nxt)
+    return out
 
 
 def test_a_failing_model_fails_every_request_and_the_engine(model, tok, monkeypatch):
@@ -216,7 +302,7 @@ def test_a_failing_model_fails_every_request_and_the_engine(model, tok, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr("stratus.inference.engine.forward_rows", broken)
+    monkeypatch.setattr("stratus.inference.engine.execute", broken)
     events = list(e.stream(prompt(tok, "x"), GREEDY))
     assert events[-1].finish_reason == "error" and "device lost" in events[-1].error
     wait_until(lambda: not e.alive, 5, "the engine still claims to be alive")

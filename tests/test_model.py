@@ -130,7 +130,7 @@ def test_kv_cache_chunks_match_full_forward(name):
         assert sum(pieces) == t
         start, outs = 0, []
         for n in pieces:
-            outs.append(model(x[:, start : start + n], cache=cache, start=start))
+            outs.append(model(x[:, start : start + n], start, cache))
             start += n
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=0, atol=1e-5)
 
@@ -142,7 +142,7 @@ def test_kv_cache_single_tokens_from_scratch(name):
     with torch.no_grad():
         full = model(x)
         cache = model.new_cache(3, max_len=20)
-        steps = [model(x[:, i : i + 1], cache=cache, start=i) for i in range(20)]
+        steps = [model(x[:, i : i + 1], i, cache) for i in range(20)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
 
 
@@ -154,9 +154,9 @@ def test_kv_cache_shape_and_overflow():
     assert cache.k.shape == (2, 2, 2, 8, 32 // 4)
     assert model.new_cache(1).k.shape[3] == cfg.max_seq_len
     with torch.no_grad():
-        model(tokens(2, 6), cache=cache, start=0)
+        model(tokens(2, 6), 0, cache)
         with pytest.raises(ValueError):
-            model(tokens(2, 3), cache=cache, start=6)  # 9 positions > 8
+            model(tokens(2, 3), 6, cache)  # 9 positions > 8
 
 
 @pytest.mark.parametrize("name", ["gqa", "mha"])
@@ -166,11 +166,11 @@ def test_greedy_decode_with_cache_matches_full_forward(name):
     new = 20
     with torch.no_grad():
         cache = model.new_cache(2)
-        logits = model(prompt, cache=cache, start=0)
+        logits = model(prompt, 0, cache)
         seq = prompt
         for _ in range(new):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
-            logits = model(nxt, cache=cache, start=seq.shape[1])
+            logits = model(nxt, seq.shape[1], cache)
             seq = torch.cat([seq, nxt], dim=1)
         # the full forward over the final sequence predicts every generated token
         full = model(seq)

@@ -254,13 +254,13 @@ def slow_server(export, monkeypatch):
     speed of this machine."""
     from stratus.inference import engine as engine_module
 
-    real = engine_module.forward_rows
+    real = engine_module.execute
 
     def slow(*args, **kwargs):
         time.sleep(0.01)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "forward_rows", slow)
+    monkeypatch.setattr(engine_module, "execute", slow)
     s = LiveServer(export, max_batch=2, max_queue=1)
     yield s
     s.stop()
@@ -277,7 +277,7 @@ def test_disconnecting_clients_free_their_slots(slow_server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(s.url + "/v1/completions", json={**body, "stream": False, "ignore_eos": True}, timeout=0.3)
     wait_until(s.engine.idle, 5, "a disconnected request kept its slot")
-    assert len(s.engine._free) == s.engine.slots
+    assert s.engine.pool.available() == s.engine.pool.blocks
 
 
 def test_full_queue_answers_429_with_retry_after(slow_server):
@@ -328,7 +328,7 @@ def test_engine_death_makes_health_503_and_the_server_exit_non_zero(export, monk
         def broken(*args, **kwargs):
             raise RuntimeError("device lost")
 
-        monkeypatch.setattr("stratus.inference.engine.forward_rows", broken)
+        monkeypatch.setattr("stratus.inference.engine.execute", broken)
         r = httpx.post(s.url + "/v1/completions", json={"model": s.model, "prompt": "x", "max_tokens": 3})
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
         wait_until(lambda: not s.thread.is_alive(), 10, "the server kept running without its engine")

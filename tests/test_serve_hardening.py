@@ -286,13 +286,13 @@ def slow_server(export, monkeypatch):
     event loop takes to see a hang-up."""
     from stratus.inference import engine as engine_module
 
-    real = engine_module.forward_rows
+    real = engine_module.execute
 
     def slow(*args, **kwargs):
         time.sleep(0.03)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "forward_rows", slow)
+    monkeypatch.setattr(engine_module, "execute", slow)
     s = LiveServer(export, max_batch=2, max_queue=1)
     s.engine_thread = s.engine._thread
     yield s

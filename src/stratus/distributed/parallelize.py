@@ -91,8 +91,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: 
         parallelize_module(model, tp_mesh, present)
     if tied:  # both weights are sharded along the vocabulary: share the one DTensor again
         model.output.weight = model.tok_embeddings.weight
-    # Attention is called as attention(x, cos, sin, cache, layer, start, mask): only x is sharded.
-    attention_inputs = (Shard(1), None, None, None, None, None, None)
+    # Attention is called as attention(x, cos, sin, cache, layer, mask): only x is sharded.
+    attention_inputs = (Shard(1), None, None, None, None, None)
     for block in model.layers.values():
         parallelize_module(
             block,
@@ -101,7 +101,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: 
                 "attention_norm": SequenceParallel(),
                 "attention": PrepareModuleInput(
                     input_layouts=attention_inputs,
-                    desired_input_layouts=(Replicate(), None, None, None, None, None, None),
+                    desired_input_layouts=(Replicate(), None, None, None, None, None),
                 ),
                 "attention.wq": ColwiseParallel(),
                 "attention.wk": ColwiseParallel(),

@@ -1,10 +1,16 @@
-"""The continuous-batching engine: one thread that owns the model and a fixed KV cache.
+"""The continuous-batching engine: one thread that owns the model and a paged KV pool.
 
-Each iteration (as in Orca, vLLM, TGI): drop cancelled requests, give free cache slots to
-waiting requests, prefill at most `prefill_chunk` prompt tokens (long prompts take several
-iterations, so running streams are never stalled for a whole prompt), then decode one token
-for every running request in a single batched forward. A request that finishes leaves its
-slot at once; one that arrives joins at the next iteration.
+Each iteration is vLLM's: schedule, execute, update.
+- schedule: drop cancelled requests; every running request that has a token to feed gets
+  one (decodes first); then prompt chunks of running and newly admitted requests, up to
+  `prefill_chunk` prompt tokens a step. A request is admitted when a batch row and the KV
+  blocks of its prompt are free; a prompt prefix already in the pool is shared, not computed.
+  When a decode needs a block and none is free, the most recently admitted request is
+  preempted: its blocks go back and it waits at the head of the queue, to be computed again.
+- execute: one forward of the model over the whole mixed batch, flattened to one row
+  (`execute`, the only call into the model), with logits only at the tokens sampled.
+- update: sample each row that finished its tokens, detokenize, stop, finish; a finished
+  request's blocks go back at once.
 
 Requests talk to the engine through `submit` (any thread) and receive `Event`s through
 their callback on the engine's thread.
@@ -31,9 +37,9 @@ from tokenizers import Tokenizer
 
 from stratus.data.tokenizer import eos_id
 from stratus.errors import StratusError
-from stratus.inference.batched import Fused, SlotCache, forward_rows
 from stratus.inference.choose import choose
 from stratus.inference.detok import Detokenizer
+from stratus.inference.paged import BlockPool, PagedStep, block_hash
 from stratus.inference.request import (
     ContextOverflow,
     EngineDead,
@@ -50,10 +56,38 @@ log = logging.getLogger("stratus.engine")
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch: int = 16  # sequences decoded together (cache slots), before the memory cap
-    kv_cache_mb: float | None = None  # KV cache budget in MiB; caps the slots; None = max_batch slots
-    max_queue: int = 64  # requests waiting for a slot; one more is refused (HTTP 429)
+    max_batch: int = 16  # sequences running together (rows of a step)
+    kv_cache_mb: float | None = None  # KV pool in MiB; None = max_batch whole contexts
+    max_queue: int = 64  # requests waiting to run; one more is refused (HTTP 429)
     prefill_chunk: int = 64  # prompt tokens processed per iteration, over all prefilling requests
+    block_size: int = 16  # positions a KV block holds
+
+
+@dataclass
+class Batch:
+    """What one step runs, from the schedule to the update: each row's request and how many
+    of its tokens are fed, in the order of the flattened batch."""
+
+    rows: list[Request]
+    counts: list[int]
+    tokens: list[int]
+    positions: list[int]
+    sampled: list[int]  # rows whose last token's logits are sampled (their tokens are all in)
+
+
+@torch.inference_mode()
+def execute(model: Transformer, pool: BlockPool, batch: Batch, device) -> torch.Tensor:
+    """One forward over the flattened batch: logits (len(batch.sampled), vocab)."""
+    step = PagedStep(
+        pool,
+        [(r.blocks, r.pos, n) for r, n in zip(batch.rows, batch.counts, strict=True)],  # type: ignore[misc]
+        device,
+    )
+    ends = torch.tensor(batch.counts, device=device).cumsum(0) - 1
+    select = ends[torch.tensor(batch.sampled, device=device, dtype=torch.long)]
+    tokens = torch.tensor([batch.tokens], device=device)
+    positions = torch.tensor([batch.positions], device=device)
+    return model(tokens, positions, step, select=select)[0]
 
 
 @dataclass
@@ -70,8 +104,7 @@ class Engine:
         self.config = config or EngineConfig()
         if self.config.max_batch < 1 or self.config.max_queue < 0 or self.config.prefill_chunk < 1:
             raise StratusError("engine: need max_batch >= 1, max_queue >= 0 and prefill_chunk >= 1")
-        self.model = model.eval()
-        self.fused = Fused(model)
+        self.model = model.eval().fuse_projections()
         self.tokenizer = tokenizer
         self.eos = eos_id(tokenizer)
         # The model's vocabulary is rounded up to a multiple of 64; ids past the tokenizer's
@@ -80,17 +113,17 @@ class Engine:
         self.context = model.cfg.max_seq_len
         weight = model.output.weight
         self.device = weight.device
-        per_slot = SlotCache.bytes_per_slot(model.cfg, self.context, weight.dtype)
-        slots = self.config.max_batch
+        bs = self.config.block_size
+        per_block = BlockPool.bytes_per_block(model.cfg, bs, weight.dtype)
+        blocks = self.config.max_batch * ceil(self.context / bs)
         if self.config.kv_cache_mb is not None:
-            slots = min(slots, int(self.config.kv_cache_mb * 2**20 // per_slot))
-            if slots < 1:
+            blocks = int(self.config.kv_cache_mb * 2**20 // per_block)
+            if blocks < 1:
                 raise StratusError(
-                    f"a KV cache of {self.config.kv_cache_mb} MiB holds no sequence of {self.context} "
-                    f"tokens ({per_slot / 2**20:.2f} MiB each): raise the budget"
+                    f"a KV cache of {self.config.kv_cache_mb} MiB holds no block of {bs} positions "
+                    f"({per_block / 2**20:.3f} MiB each): raise the budget"
                 )
-        self.cache = SlotCache(model.cfg, slots, self.context, self.device, weight.dtype)
-        self._free = list(range(slots - 1, -1, -1))
+        self.pool = BlockPool(model.cfg, blocks, bs, self.device, weight.dtype)
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._lock = threading.Lock()
@@ -99,6 +132,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.iterations = 0
+        self.preemptions = 0
         # Called on the engine's thread with every request that ends, whatever ended it
         # (the server counts finish reasons here, so a cancelled request is counted too).
         self.on_finish: Callable[[Request], None] | None = None
@@ -123,7 +157,9 @@ class Engine:
 
     @property
     def slots(self) -> int:
-        return self.cache.slots
+        """Sequences that may run at once (rows of a step); the KV blocks they hold are
+        counted when each is admitted and as it grows."""
+        return self.config.max_batch
 
     def queue_depth(self) -> int:
         return len(self._waiting)
@@ -137,7 +173,7 @@ class Engine:
     def retry_after(self) -> int:
         """Seconds until a place in the queue is likely to free up: the waiting requests
         drain `slots` at a time, each taking about the recent mean latency."""
-        rounds = (len(self._waiting) + 1) / max(1, self.cache.slots)
+        rounds = (len(self._waiting) + 1) / self.slots
         return max(1, ceil(rounds * self._mean_latency))
 
     # ---- requests --------------------------------------------------------------------
@@ -165,6 +201,12 @@ class Engine:
                 f"{len(prompt) + params.max_tokens} tokens ({len(prompt)} in the prompt, "
                 f"{params.max_tokens} for the completion): reduce the prompt or max_tokens"
             )
+        need = ceil((len(prompt) + params.max_tokens) / self.pool.block_size)
+        if need > self.pool.blocks:
+            raise ContextOverflow(
+                f"this request needs {need} KV blocks of {self.pool.block_size} positions; the server's "
+                f"pool holds {self.pool.blocks}: reduce the prompt or max_tokens"
+            )
         return params
 
     def submit_many(
@@ -173,16 +215,17 @@ class Engine:
         """Queue several requests at once (the `n` choices of one API call): all of them or
         none. Raises ContextOverflow/ValueError, QueueFull or EngineDead before queuing."""
         reqs = [Request(list(prompt), self.check(prompt, params), cb) for prompt, params, cb in items]
-        if len(reqs) > self.config.max_queue + self.cache.slots:
+        if len(reqs) > self.config.max_queue + self.slots:
             raise NeverFits(
                 f"{len(reqs)} sequences in one request can never be queued together: this server "
-                f"holds {self.cache.slots} running and {self.config.max_queue} waiting; lower n"
+                f"holds {self.slots} running and {self.config.max_queue} waiting; lower n"
             )
         with self._lock:
             if not self.alive:
                 raise EngineDead("the engine is not running")
-            # requests that will take a free slot at the next iteration are not really waiting
-            if len(self._waiting) + len(reqs) > self.config.max_queue + len(self._free):
+            # requests that will run at the next iteration are not really waiting
+            free_rows = max(0, self.slots - len(self._running))
+            if len(self._waiting) + len(reqs) > self.config.max_queue + free_rows:
                 raise QueueFull(
                     f"{len(self._waiting)} requests are waiting; the queue holds {self.config.max_queue}"
                 )
@@ -253,11 +296,11 @@ class Engine:
 
     def _iterate(self) -> bool:
         self._drop_cancelled()
-        self._admit()
-        if not self._running:
+        batch = self._schedule()
+        if batch is None:
             return False
-        self._prefill()
-        self._decode()
+        logits = execute(self.model, self.pool, batch, self.device)
+        self._update(batch, logits)
         self.iterations += 1
         return True
 
@@ -269,16 +312,109 @@ class Engine:
         for r in gone + [r for r in self._running if r.cancelled]:
             self._finish(r, "cancelled", Event(finish_reason="cancelled"))
 
-    def _admit(self) -> None:
-        admitted = []
+    # ---- schedule --------------------------------------------------------------------
+
+    @staticmethod
+    def _left(req: Request) -> int:
+        """Tokens of the request still to feed: its prompt's rest, or the token just sampled."""
+        return len(req.prompt) + len(req.out) - req.pos
+
+    def _schedule(self) -> Batch | None:
+        rows: list[Request] = []
+        counts: list[int] = []
+        for req in [r for r in self._running if self._left(r) == 1]:  # decodes first
+            if req in self._running and self._grow(req):
+                rows.append(req)
+                counts.append(1)
+        budget = self.config.prefill_chunk
+        for req in self._running:  # prompts in chunks (and preempted requests, computed again)
+            if budget and req not in rows and self._left(req) > 1:
+                n = min(self._left(req), budget)
+                rows.append(req)
+                counts.append(n)
+                budget -= n
+        while budget and self._waiting and len(self._running) < self.slots:
+            req = self._waiting[0]
+            if not self._admit(req):
+                break
+            n = min(self._left(req), budget)
+            rows.append(req)
+            counts.append(n)
+            budget -= n
+        if not rows:
+            return None
+        tokens, positions, sampled = [], [], []
+        for i, (req, n) in enumerate(zip(rows, counts, strict=True)):
+            tokens += self._feed(req, n)
+            positions += range(req.pos, req.pos + n)
+            if n == self._left(req):
+                sampled.append(i)
+        return Batch(rows, counts, tokens, positions, sampled)
+
+    @staticmethod
+    def _feed(req: Request, n: int) -> list[int]:
+        p = len(req.prompt)
+        if req.pos + n <= p:
+            return req.prompt[req.pos : req.pos + n]
+        return (req.prompt[req.pos :] if req.pos < p else []) + req.out[max(0, req.pos - p) : req.pos + n - p]
+
+    def _hashes(self, req: Request) -> list[bytes]:
+        """Hashes of the full blocks before the request's last token (that one is always
+        computed, for the logits it is sampled from)."""
+        bs, tokens = self.pool.block_size, req.tokens
+        out, parent = [], b""
+        for j in range((len(tokens) - 1) // bs):
+            parent = block_hash(parent, tokens[j * bs : (j + 1) * bs])
+            out.append(parent)
+        return out
+
+    def _admit(self, req: Request) -> bool:
+        """Give the head of the queue a batch row and the KV blocks of everything it has to
+        compute, sharing what the pool already holds of its prefix; False when it must wait."""
+        hashes = self._hashes(req)
+        bs = self.pool.block_size
+        computing = {h for r in self._running for h in r.hashes[r.pos // bs :]}
+        shared = self.pool.share(hashes)
+        if len(shared) < len(hashes) and hashes[len(shared)] in computing:
+            self.pool.release(shared)  # a running request is computing the next block: wait for it
+            return False
+        need = ceil(len(req.tokens) / bs) - len(shared)
+        new = self.pool.take(need)
+        if new is None:
+            self.pool.release(shared)
+            return False
         with self._lock:
-            while self._free and self._waiting:
-                req = self._waiting.popleft()
-                req.slot = self._free.pop()
-                self._running.append(req)
-                admitted.append(req)
-        for req in admitted:
+            self._waiting.popleft()
+            self._running.append(req)
+        req.blocks, req.pos, req.hashes = shared + new, len(shared) * bs, hashes
+        if req.generator is None:  # not when it comes back after a preemption
             self._isolated(req, self._prepare, req)
+        return True
+
+    def _grow(self, req: Request) -> bool:
+        """A block for the decode's position if it needs one, preempting the most recently
+        admitted requests until one is free; False when the request itself was preempted."""
+        assert req.blocks is not None
+        while len(req.blocks) * self.pool.block_size <= req.pos:
+            new = self.pool.take(1)
+            if new is not None:
+                req.blocks += new
+                continue
+            victim = self._running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        """Give back the request's blocks and put it at the head of the queue: it will be
+        computed again from its prompt and output (vLLM's preemption by recompute)."""
+        self.pool.release(req.blocks or [])
+        req.blocks, req.pos, req.hashes = None, 0, []
+        self.preemptions += 1
+        with self._lock:
+            self._running.remove(req)
+            self._waiting.appendleft(req)
 
     def _prepare(self, req: Request) -> None:
         p = req.params
@@ -288,32 +424,19 @@ class Engine:
             req.counts = torch.zeros(self.vocab, device=self.device)
         req.detok = Detokenizer(self.tokenizer, p.stop)
 
-    def _prefill(self) -> None:
-        budget = self.config.prefill_chunk
-        for req in [r for r in self._running if r.pos < len(r.prompt) and not r.cancelled]:
-            n = min(budget, len(req.prompt) - req.pos)
-            tokens = torch.tensor([req.prompt[req.pos : req.pos + n]], device=self.device)
-            slots = torch.tensor([req.slot], device=self.device)
-            starts = torch.tensor([req.pos], device=self.device)
-            logits = forward_rows(self.model, self.cache, slots, tokens, starts, fused=self.fused)
-            req.pos += n
-            if req.pos == len(req.prompt):
-                self._isolated(req, self._advance, req, logits[0])
-            budget -= n
-            if budget == 0:
-                break
+    # ---- update ----------------------------------------------------------------------
 
-    def _decode(self) -> None:
-        rows = [r for r in self._running if r.next_token is not None]
-        if not rows:
-            return
-        tokens = torch.tensor([[r.next_token] for r in rows], device=self.device)
-        slots = torch.tensor([r.slot for r in rows], device=self.device)
-        starts = torch.tensor([r.pos for r in rows], device=self.device)
-        logits = forward_rows(self.model, self.cache, slots, tokens, starts, fused=self.fused)
-        for i, req in enumerate(rows):
-            req.pos += 1
-            self._isolated(req, self._advance, req, logits[i])
+    def _update(self, batch: Batch, logits: torch.Tensor) -> None:
+        bs = self.pool.block_size
+        for req, n in zip(batch.rows, batch.counts, strict=True):
+            # blocks that filled in this step: later requests with the same prefix share them
+            for j in range(req.pos // bs, min((req.pos + n) // bs, len(req.hashes))):
+                self.pool.publish(req.blocks[j], req.hashes[j])  # type: ignore[index]
+            req.pos += n
+        for k, i in enumerate(batch.sampled):
+            req = batch.rows[i]
+            if req.finish_reason is None:
+                self._isolated(req, self._advance, req, logits[k])
 
     def _isolated(self, req: Request, work: Callable, *args) -> None:
         """Run one request's own work; if it raises, that request alone fails."""
@@ -325,7 +448,6 @@ class Engine:
 
     def _advance(self, req: Request, logits: torch.Tensor) -> None:
         """Sample the request's next token from logits (vocab,) and tell the client."""
-        req.next_token = None
         if req.cancelled:
             return  # dropped at the next iteration; nothing more is sent
         token, lp, top = choose(logits[: self.vocab], req)
@@ -344,19 +466,18 @@ class Engine:
         if ev.finish_reason:
             self._finish(req, ev.finish_reason, ev)
         else:
-            req.next_token = token
             self._send(req, ev)
 
     def _finish(self, req: Request, reason: str, ev: Event) -> None:
         if req.finish_reason is not None:
             return
         req.finish_reason = reason
-        if req.slot is not None:
-            with self._lock:
-                if req in self._running:
-                    self._running.remove(req)
-                self._free.append(req.slot)
-            req.slot = None
+        with self._lock:
+            if req in self._running:
+                self._running.remove(req)
+        if req.blocks is not None:
+            self.pool.release(req.blocks)
+            req.blocks = None
         self._mean_latency += 0.1 * (ev.time - req.arrival - self._mean_latency)
         if self.on_finish is not None:
             try:

@@ -60,7 +60,7 @@ def generate_ids(
         generator = torch.Generator(device=device).manual_seed(params.seed)
     ids = list(prompt_ids)
     cache = model.new_cache(batch=1, max_len=min(context, len(ids) + max_new_tokens))
-    logits = model(torch.tensor([ids], device=device), cache, start=0)[:, -1]
+    logits = model(torch.tensor([ids], device=device), 0, cache)[:, -1]
     if first_allowed is not None:
         keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
         keep[: len(first_allowed)] = first_allowed.to(device)
@@ -75,10 +75,10 @@ def generate_ids(
         if pos == cache.max_len:  # full: restart from the newest half of the context
             ids = ids[-(context // 2) :]
             cache = model.new_cache(batch=1, max_len=context)
-            logits = model(torch.tensor([ids], device=device), cache, start=0)[:, -1]
+            logits = model(torch.tensor([ids], device=device), 0, cache)[:, -1]
             pos = len(ids)
         else:
-            logits = model(torch.tensor([[nxt]], device=device), cache, start=pos)[:, -1]
+            logits = model(torch.tensor([[nxt]], device=device), pos, cache)[:, -1]
             pos += 1
 
 

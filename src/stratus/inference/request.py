@@ -74,14 +74,20 @@ class Request:
     cancelled: bool = False
     finish_reason: str | None = None
     # engine state
-    slot: int | None = None
-    pos: int = 0  # tokens of this request in its cache slot
+    blocks: list[int] | None = None  # its KV block table while it runs; None while it waits
+    pos: int = 0  # tokens (prompt, then output) whose keys and values are in its blocks
     out: list[int] = field(default_factory=list)
-    next_token: int | None = None  # sampled, not yet fed to the model
+    hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order
     counts: torch.Tensor | None = None  # (vocab,) occurrences, for the penalties
     generator: torch.Generator | None = None
     detok: object = None
     done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def tokens(self) -> list[int]:
+        """What the model is fed: the prompt, then every token sampled (after a preemption
+        the output is computed again with the prompt, and sampling goes on after it)."""
+        return self.prompt + self.out
 
     @property
     def prompt_tokens(self) -> int:

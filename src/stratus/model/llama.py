@@ -16,7 +16,7 @@ from torch import nn
 
 from stratus import counts
 from stratus.config import ModelConfig
-from stratus.model.kv_cache import KVCache
+from stratus.model.kv_cache import AttentionCache, KVCache
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,35 +42,37 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.qkv: torch.Tensor | None = None  # wq|wk|wv as one weight, after fuse_projections
 
     def forward(
         self,
         x: torch.Tensor,  # (batch, T, d_model)
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: AttentionCache | None = None,
         layer: int = 0,
-        start: int = 0,
         mask: torch.Tensor | None = None,  # (batch, 1, T, T) bool: which keys each query sees
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (b, heads, t, hd)
-        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (b, kv_heads, t, hd)
-        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if self.qkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            q, k, v = F.linear(x, self.qkv).split(
+                [self.wq.out_features, self.wk.out_features, self.wv.out_features], -1
+            )
+        q = q.view(b, t, -1, self.head_dim).transpose(1, 2)  # (b, heads, t, hd)
+        k = k.view(b, t, -1, self.head_dim).transpose(1, 2)  # (b, kv_heads, t, hd)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         if cos.dim() == 2:  # the table from this call's first position on
             cos, sin = cos[:t], sin[:t]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        causal = mask is None
-        if cache is not None:
-            k, v = cache.update(layer, start, k, v)  # (b, kv_heads, start + t, hd)
-            if start > 0:
-                causal = False  # the top-left causal mask of SDPA is wrong once keys precede queries
-                if t > 1:
-                    pos_q = torch.arange(start, start + t, device=x.device)
-                    mask = pos_q[:, None] >= torch.arange(start + t, device=x.device)[None, :]
-        gqa = q.shape[1] != k.shape[1]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        if cache is not None:  # the cache keeps k and v where it keeps them, and attends
+            y = cache.attend(layer, q, k, v)
+        else:
+            gqa = q.shape[1] != k.shape[1]
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
+            )
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -82,9 +84,13 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.d_model, cfg.ffn_width, bias=False)
         self.w3 = nn.Linear(cfg.d_model, cfg.ffn_width, bias=False)
         self.w2 = nn.Linear(cfg.ffn_width, cfg.d_model, bias=False)
+        self.gate_up: torch.Tensor | None = None  # w1|w3 as one weight, after fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.gate_up is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -95,8 +101,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, start=0, mask=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start, mask)
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -140,20 +146,29 @@ class Transformer(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
-        cache: KVCache | None = None,
-        start: int = 0,
+        positions: int | torch.Tensor = 0,
+        cache: AttentionCache | None = None,
         doc: torch.Tensor | None = None,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens (batch, T) -> logits (batch, T, vocab). With a cache, the tokens sit at
-        positions start..start+T-1 and their keys/values are appended to it. With doc
-        (batch, T), the document each token belongs to in a packed row: a token attends only
-        within its document, and positions restart at each document's first token."""
+        """tokens (batch, T) -> logits (batch, T, vocab): the one forward of training,
+        `generate`, eval and the serving engine.
+
+        positions: the first token's position (every row from there on), or (batch, T) of
+        each token's own. cache: where keys and values are kept and attended (model/kv_cache.py):
+        none in training (causal attention over the sequence), a contiguous one in `generate`,
+        a paged one in the engine. doc (batch, T): the document each token belongs to in a
+        packed row: a token attends only within its document, and positions restart at each
+        document's first token. select: indices into T of the only tokens whose logits are
+        wanted (the engine samples each sequence's last), (batch, len(select), vocab)."""
         mask = None
-        if doc is None:
+        if doc is None and isinstance(positions, int):
             # The attention cuts the table to its sequence length: the hidden states a later
             # pipeline stage takes in may be a sequence-parallel shard, shorter than the
             # sequence attention sees.
-            cos, sin = self.rope_cos[start:], self.rope_sin[start:]
+            cos, sin = self.rope_cos[positions:], self.rope_sin[positions:]
+        elif doc is None:  # (batch, 1, T, head_dim // 2): broadcasts over heads
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         else:
             t = doc.shape[1]
             idx = torch.arange(t, device=tokens.device)
@@ -167,8 +182,32 @@ class Transformer(nn.Module):
         # None) takes and gives the hidden states in their place.
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for i, layer in self.layers.items():
-            h = layer(h, cos, sin, cache, int(i), start, mask)
-        return self.output(self.norm(h)) if self.output is not None else h
+            h = layer(h, cos, sin, cache, int(i), mask)
+        if self.output is None:
+            return h
+        return self.output(self.norm(h if select is None else h[:, select]))
+
+    @torch.no_grad()
+    def fuse_projections(self) -> Transformer:
+        """For inference: wq|wk|wv and w1|w3 each become one weight, so a block runs two
+        matmuls where it ran five (a small model's decode step costs per operation, not per
+        FLOP). The parameters become views of the fused weights: no second copy, and the
+        state dict keeps its names. Not for training: the fused weights take no gradient."""
+        for block in self.layers.values():
+            att, ffn = block.attention, block.feed_forward
+            att.qkv = torch.cat([att.wq.weight, att.wk.weight, att.wv.weight])
+            dq, dk = att.wq.out_features, att.wk.out_features
+            for lin, part in (
+                (att.wq, att.qkv[:dq]),
+                (att.wk, att.qkv[dq : dq + dk]),
+                (att.wv, att.qkv[dq + dk :]),
+            ):
+                lin.weight = nn.Parameter(part, requires_grad=False)
+            ffn.gate_up = torch.cat([ffn.w1.weight, ffn.w3.weight])
+            dh = ffn.w1.out_features
+            ffn.w1.weight = nn.Parameter(ffn.gate_up[:dh], requires_grad=False)
+            ffn.w3.weight = nn.Parameter(ffn.gate_up[dh:], requires_grad=False)
+        return self
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.output.weight

@@ -20,9 +20,9 @@ def _engine_flags(sp: argparse.ArgumentParser) -> None:
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and KV cache"
     )
     sp.add_argument(
-        "--max-batch", type=int, default=16, help="sequences decoded together (KV cache slots; default 16)"
+        "--max-batch", type=int, default=16, help="sequences running together, rows of a step (default 16)"
     )
-    sp.add_argument("--kv-cache-mb", type=float, help="KV cache budget in MiB; caps --max-batch")
+    sp.add_argument("--kv-cache-mb", type=float, help="KV block pool, MiB (default: --max-batch contexts)")
     sp.add_argument(
         "--prefill-chunk", type=int, default=64, help="prompt tokens processed per step (default 64)"
     )
@@ -76,7 +76,8 @@ def cmd_serve(args, overrides):
     running = prepare_server(state, args.host, args.port, args.log_level, limits)
     print(
         f"serving `{state.model_name}` on http://{args.host}:{running.port}/v1 "
-        f"({engine.slots} KV slots of {engine.context} tokens, {engine.cache.nbytes / 2**20:.1f} MiB; "
+        f"({engine.pool.blocks} KV blocks of {engine.pool.block_size} positions, "
+        f"{engine.pool.nbytes / 2**20:.1f} MiB, up to {engine.slots} sequences of {engine.context} tokens; "
         f"chat template: {template.origin}; API key {'required' if api_key else 'off'})",
         flush=True,
     )

@@ -35,12 +35,21 @@ class Metrics:
             self.finished.labels(reason)  # every series exists from the start, at 0
         # the engine reports every ending, including those of clients that left
         engine.on_finish = lambda req: self.finished.labels(req.finish_reason).inc()
-        queue = Gauge("stratus_queue_depth", "requests waiting for a KV cache slot", registry=r)
+        queue = Gauge("stratus_queue_depth", "requests waiting to run", registry=r)
         queue.set_function(engine.queue_depth)
-        running = Gauge("stratus_running_requests", "requests holding a KV cache slot", registry=r)
+        running = Gauge("stratus_running_requests", "requests running (holding KV blocks)", registry=r)
         running.set_function(engine.running)
-        slots = Gauge("stratus_kv_cache_slots", "sequences the preallocated KV cache holds", registry=r)
+        slots = Gauge("stratus_kv_cache_slots", "sequences that may run at once (rows of a step)", registry=r)
         slots.set(engine.slots)
+        pool = engine.pool
+        blocks = Gauge("stratus_kv_blocks", "KV blocks in the pool", registry=r)
+        blocks.set(pool.blocks)
+        free = Gauge("stratus_kv_blocks_free", "KV blocks no sequence holds (free or cached)", registry=r)
+        free.set_function(pool.available)
+        hits = Gauge("stratus_prefix_cache_hit_ratio", "prompt blocks found in the prefix cache", registry=r)
+        hits.set_function(lambda: pool.hits / pool.lookups if pool.lookups else 0.0)
+        preempted = Gauge("stratus_preemptions", "requests preempted for KV blocks since start", registry=r)
+        preempted.set_function(lambda: engine.preemptions)
         alive = Gauge("stratus_engine_alive", "1 while the engine loop runs", registry=r)
         alive.set_function(lambda: float(engine.alive))
         self.ttft = Histogram(
