@@ -205,10 +205,19 @@ def test_errors_have_status_and_body_and_the_server_goes_on(server, client, stre
         client.chat.completions.create(model="nope", messages=CHAT)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=server.model, prompt="x", temperature=5, stream=stream)
-    # unknown fields are accepted and ignored; the server still answers
+    # vLLM's extensions and `user` are served; a field the server does not implement is a 400
+    # that names it, never accepted and ignored (a JSON request must not get free text)
     r = client.chat.completions.create(
-        model=server.model, messages=CHAT, max_tokens=3, extra_body={"min_p": 0.05, "top_k": 5, "whatever": 1}
+        model=server.model, messages=CHAT, max_tokens=3, user="u-1", extra_body={"min_p": 0.05, "top_k": 5}
     )
+    assert r.choices[0].finish_reason in ("stop", "length")
+    for field, value in (("response_format", {"type": "json_object"}), ("whatever", 1)):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=server.model, messages=CHAT, extra_body={field: value})
+        assert e.value.body["param"] == field and "does not implement" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        client.completions.create(model=server.model, prompt="x", best_of=2)
+    r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=2)  # still up
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
@@ -270,7 +279,7 @@ def test_disconnecting_clients_free_their_slots(slow_server):
     s = slow_server
     body = {"model": s.model, "prompt": "x", "max_tokens": 100, "temperature": 0, "stream": True}
     for _ in range(2):  # streaming: read the first token, then hang up
-        with httpx.stream("POST", s.url + "/v1/completions", json={**body, "extra": {"ignore_eos": 1}}) as r:
+        with httpx.stream("POST", s.url + "/v1/completions", json={**body, "ignore_eos": True}) as r:
             next(r.iter_lines())
     wait_until(s.engine.idle, 5, "a disconnected stream kept its slot")
     # not streaming: the client gives up waiting

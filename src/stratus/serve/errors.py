@@ -65,6 +65,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     # pydantic reports a union's failure once per member; the field's name is what matters
     param = next((p for p in loc if not p.isdigit() and "[" not in p and p not in ("str", "list")), None)
     where = ".".join(loc) or "body"
+    if first.get("type") == "extra_forbidden":  # never accepted and ignored
+        return f"{where}: this server does not implement this field (see /openapi.json); remove it", param
     return f"{where}: {first.get('msg', 'invalid value').removeprefix('Value error, ')}", param
 
 

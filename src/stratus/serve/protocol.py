@@ -10,8 +10,10 @@ context. Those last limits belong to one model, so `request_models` builds the c
 the model being served. All text must be valid Unicode: JSON can carry a lone UTF-16
 surrogate ("\\ud800") that no tokenizer can encode.
 
-Fields this server does not know (clients send best_of, user, parallel_tool_calls, ...)
-are accepted and ignored; of vLLM's extensions, top_k, min_p and ignore_eos are honoured.
+A field this server does not implement (response_format, tools, best_of, ...) is a 400 that
+names it, never accepted and ignored: a client asking for JSON must not get free text with a
+200. `user` is accepted (an end-user id; OpenAI's is for abuse monitoring) and not used. Of
+vLLM's extensions, top_k, min_p and ignore_eos are honoured.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def prompt_type(token: Any) -> Any:
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Open):
@@ -103,6 +105,7 @@ class _Sampling(_Open):
     top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
     min_p: float = Field(0.0, ge=0, le=1)
     ignore_eos: bool = False
+    user: Annotated[Text, Field(max_length=MAX_NAME_CHARS)] | None = None  # accepted, not used
 
 
 class TextPart(_Open):
