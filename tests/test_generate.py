@@ -10,7 +10,9 @@ import torch
 
 from stratus.config import ModelConfig
 from stratus.data.tokenizer import load_tokenizer
-from stratus.inference.generate import generate, generate_ids, heal_prompt
+from stratus.inference.generate import generate, generate_ids
+from stratus.inference.prompt import encode_prompt
+from stratus.inference.request import RequestParams
 from stratus.inference.sampling import SamplingParams, sample
 from stratus.model import Transformer
 
@@ -59,18 +61,17 @@ def test_stop_string_truncates_and_nothing_past_it_is_streamed(model, tok):
 
 def test_token_healing_constrains_the_first_token(tok):
     ids = tok.encode("def ", add_special_tokens=False).ids
-    shorter, allowed = heal_prompt(tok, [0, *ids])
-    assert shorter == [0, *ids[:-1]]
+    enc = encode_prompt(tok, "def ", 0)
+    assert enc.ids == [0, *ids[:-1]] and enc.heal_text == tok.decode([ids[-1]])
     last = tok.id_to_token(ids[-1])
-    for i in torch.nonzero(allowed).flatten().tolist():
-        assert tok.id_to_token(i).startswith(last)
-    assert allowed.sum() >= 1 and not allowed.all()
+    assert enc.heal_ids and all(tok.id_to_token(i).startswith(last) for i in enc.heal_ids)
+    assert len(enc.heal_ids) < tok.get_vocab_size()
 
 
 def test_sliding_window_goes_past_the_context(model):
     prompt = [0, 5, 6, 7]
-    params = SamplingParams(temperature=0)
-    long = list(generate_ids(model, prompt, 40, params))  # context is 24 tokens
+    params = RequestParams(temperature=0)
+    long = list(generate_ids(model, prompt, 40, params, 320))  # context is 24 tokens
     assert len(long) == 40
     # until the window first slides, the tokens are those of plain greedy decoding
     ids = list(prompt)

@@ -63,7 +63,8 @@ def test_completion_max_tokens_gives_length_and_counts(server, client):
         model=server.model, prompt="def ", max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
     )
     assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
-    assert r.usage.completion_tokens == 7 and r.usage.prompt_tokens == 1 + n_tokens(server, "def ")
+    # end-of-text first, and the last token healed (the first generated token re-types it)
+    assert r.usage.completion_tokens == 7 and r.usage.prompt_tokens == 1 + n_tokens(server, "def ") - 1
 
 
 def test_streaming_equals_non_streaming_and_ends_with_usage_and_done(server, client):
@@ -345,3 +346,23 @@ def test_engine_death_makes_health_503_and_the_server_exit_non_zero(export, monk
         code = s.stop()
     assert code == ENGINE_DIED
     assert DEFAULT_STOP  # the template's turn markers are what ends a chat reply
+
+
+@pytest.mark.parametrize("prompt", ["def ", "value = alpha_1(beta"])
+def test_generate_and_completions_give_the_same_text_for_a_prompt_and_seed(server, client, export, prompt):
+    """`stratus generate` and /v1/completions share the prompt's encoding (end-of-text first,
+    token healing) and the choice of each token: the same prompt and seed, the same text."""
+    from stratus.checkpoint.load import load_trained
+    from stratus.data.tokenizer import load_tokenizer
+    from stratus.inference.generate import generate
+    from stratus.inference.sampling import SamplingParams
+
+    trained = load_trained(export)
+    tok = load_tokenizer(trained.tokenizer_path)
+    for temperature, seed in ((0.0, None), (0.9, 17)):
+        local = generate(trained.model, tok, prompt, 12, SamplingParams(temperature, 0, 1.0, seed))
+        r = client.completions.create(
+            model=server.model, prompt=prompt, max_tokens=12, temperature=temperature, seed=seed
+        )
+        assert r.choices[0].text == local.text and r.choices[0].finish_reason == local.finish_reason
+        assert r.usage.completion_tokens == local.completion_tokens

@@ -16,6 +16,9 @@ def choose(logits: torch.Tensor, req: Request) -> tuple[int, float | None, list[
     default): they describe the model, not the dice."""
     p = req.params
     logits = logits.float()
+    if p.heal_ids and not req.out:  # token healing: the first token re-types the prompt's tail
+        allowed = torch.tensor(p.heal_ids, device=logits.device)
+        logits = torch.full_like(logits, float("-inf")).index_copy(0, allowed, logits[allowed])
     if p.logit_bias:
         ids = torch.tensor([i for i, _ in p.logit_bias], device=logits.device)
         logits = logits.index_add(0, ids, torch.tensor([b for _, b in p.logit_bias], device=logits.device))
@@ -33,5 +36,6 @@ def choose(logits: torch.Tensor, req: Request) -> tuple[int, float | None, list[
     top: list[tuple[int, float]] = []
     if p.logprobs:
         values, ids = torch.topk(logprobs, min(p.logprobs, logprobs.shape[-1]))
-        top = list(zip(ids.tolist(), values.tolist(), strict=True))
+        # a healed first token has few candidates: the others' -inf is no alternative
+        top = [(i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True) if v != float("-inf")]
     return token, float(logprobs[token]), top

@@ -9,8 +9,9 @@ from tokenizers import Tokenizer
 
 
 class Detokenizer:
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), skip: str = ""):
         self.tokenizer = tokenizer
+        self.skip = skip  # text the output re-types from the prompt (token healing): not sent
         self.stop = tuple(s for s in stop if s)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
@@ -24,6 +25,10 @@ class Detokenizer:
         # Decoding the whole output each time is O(n) per token, which is cheap next to a
         # forward pass, and keeps multi-token characters and merges exactly right.
         self.text = self.tokenizer.decode(self.ids)
+        if self.skip.startswith(self.text):  # still inside the re-typed tail
+            self.text = ""
+        elif self.skip and self.text.startswith(self.skip):
+            self.text = self.text[len(self.skip) :]
         # A stop string that ends in the new text starts at or after `sent`: text before
         # `sent` was checked when it arrived, and the last `hold` characters were held back.
         hits = [i for s in self.stop if (i := self.text.find(s, self.sent)) >= 0]

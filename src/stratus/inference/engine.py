@@ -422,7 +422,7 @@ class Engine:
         req.generator = torch.Generator(device=self.device).manual_seed(seed)
         if p.presence_penalty or p.frequency_penalty:
             req.counts = torch.zeros(self.vocab, device=self.device)
-        req.detok = Detokenizer(self.tokenizer, p.stop)
+        req.detok = Detokenizer(self.tokenizer, p.stop, p.heal_text)
 
     # ---- update ----------------------------------------------------------------------
 

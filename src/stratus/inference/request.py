@@ -45,6 +45,8 @@ class RequestParams:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the k likeliest
     ignore_eos: bool = False  # end-of-text does not end the request (benchmarks)
     stop_token_ids: tuple[int, ...] = ()  # these tokens end the request too (a chat model's end of turn)
+    heal_ids: tuple[int, ...] = ()  # token healing (prompt.py): the first token is one of these
+    heal_text: str = ""  # ... and the prompt's tail it re-types is not part of the completion
 
 
 @dataclass

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 from stratus.data.chat_template import ChatTemplate, find_template
 from stratus.data.tokenizer import eos_id
 from stratus.inference.engine import Engine
+from stratus.inference.prompt import Encoded, encode_prompt
 from stratus.inference.request import (
     ContextOverflow,
     EngineDead,
@@ -114,7 +115,7 @@ def create_app(state: ServerState) -> FastAPI:
         params = replace(params, stop_token_ids=state.template.stop_ids(state.tokenizer))
         if body.logprobs:
             params = replace(params, logprobs=body.top_logprobs or 0)
-        ids = await run_in_threadpool(_encode_all, state, [text])
+        ids = await run_in_threadpool(_encode_all, state, [text], False)
         return await _serve(state, request, body, ids, params, chat=True)
 
     @app.post("/v1/completions")
@@ -124,7 +125,7 @@ def create_app(state: ServerState) -> FastAPI:
         if isinstance(prompts[0], int):
             prompts = [prompts]  # one prompt given as token ids
         _check_length(state, sum(len(p) for p in prompts if isinstance(p, str)), "prompt")
-        ids = await run_in_threadpool(_encode_all, state, prompts)
+        ids = await run_in_threadpool(_encode_all, state, prompts, True)
         params = _params(body, body.max_tokens if body.max_tokens is not None else 16, ())
         # the model's end of turn ends a completion too, as its generation_config says
         params = replace(params, stop_token_ids=state.template.stop_ids(state.tokenizer))
@@ -164,17 +165,16 @@ def _check_length(state: ServerState, chars: int, param: str) -> None:
         )
 
 
-def _encode_all(state: ServerState, prompts: list) -> list[list[int]]:
-    """Token ids of each prompt (worker thread). Documents began after end-of-text in
-    training, so a prompt starts with one (as Llama's tokenizer puts BOS first); it counts as
-    a prompt token in usage."""
+def _encode_all(state: ServerState, prompts: list, heal: bool) -> list[Encoded]:
+    """Each prompt as the engine takes it (worker thread): a text by the rule `stratus
+    generate` shares (inference/prompt.py: end-of-text first, token healing for a completion;
+    a chat template's last token is its own, never healed), token ids as given."""
     out = []
     for p in prompts:
         if not isinstance(p, str):
-            out.append(list(p))
+            out.append(Encoded(list(p)))
             continue
-        ids = state.tokenizer.encode(p, add_special_tokens=False).ids
-        out.append(ids if ids[:1] == [state.eos] else [state.eos, *ids])
+        out.append(encode_prompt(state.tokenizer, p, state.eos, heal))
     return out
 
 
@@ -204,7 +204,7 @@ async def _serve(
     state: ServerState,
     request: Request,
     body: _Sampling,
-    prompts: list[list[int]],
+    encoded: list[Encoded],
     params: RequestParams,
     chat: bool,
     echo: list[str] | None = None,
@@ -216,10 +216,12 @@ async def _serve(
         return lambda ev: loop.call_soon_threadsafe(events.put_nowait, (index, ev))
 
     items, k = [], 0
-    for ids in prompts:
+    prompts = [e.ids for e in encoded]
+    for e in encoded:
+        healed = replace(params, heal_ids=e.heal_ids, heal_text=e.heal_text)
         for j in range(body.n):
-            seeded = replace(params, seed=None if params.seed is None else (params.seed + j) % SEED_LIMIT)
-            items.append((ids, seeded, deliver(k)))
+            seeded = replace(healed, seed=None if params.seed is None else (params.seed + j) % SEED_LIMIT)
+            items.append((e.ids, seeded, deliver(k)))
             k += 1
     try:
         reqs = state.engine.submit_many(items)
