@@ -366,3 +366,39 @@ def test_generate_and_completions_give_the_same_text_for_a_prompt_and_seed(serve
         )
         assert r.choices[0].text == local.text and r.choices[0].finish_reason == local.finish_reason
         assert r.usage.completion_tokens == local.completion_tokens
+
+
+def test_a_request_that_waits_past_the_queue_timeout_gets_503(export, monkeypatch):
+    """One sequence runs at a time, every step slowed to 10 ms: a 120-token request holds the
+    engine for at least 1.2 s, and requests behind it wait past a 0.3 s queue timeout (the
+    margin only grows on a slower machine)."""
+    from stratus.inference import engine as engine_module
+
+    real = engine_module.execute
+
+    def slow(*args, **kwargs):
+        time.sleep(0.01)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "execute", slow)
+    s = LiveServer(export, max_batch=1, max_queue=4, queue_timeout_s=0.3)
+    try:
+        long = {"model": s.model, "prompt": "x", "max_tokens": 120, "ignore_eos": True}
+        first = threading.Thread(target=lambda: httpx.post(s.url + "/v1/completions", json=long, timeout=60))
+        first.start()
+        wait_until(lambda: s.engine.running() == 1, 10, "the long request did not start")
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model=s.model, prompt="y", max_tokens=2)
+        assert e.value.status_code == 503 and e.value.body["code"] == "queue_timeout"
+        assert int(e.value.response.headers["retry-after"]) >= 1 and "overloaded" in e.value.body["message"]
+        # streaming: the status line went out with the stream; the timeout is its error event
+        with pytest.raises(openai.APIError, match="overloaded"):
+            for _ in client.completions.create(model=s.model, prompt="y", max_tokens=2, stream=True):
+                pass
+        first.join(60)
+        assert 'stratus_request_finish_total{reason="timeout"} 2.0' in httpx.get(s.url + "/metrics").text
+        r = client.completions.create(model=s.model, prompt="y", max_tokens=2)  # served again
+        assert r.choices[0].finish_reason in ("stop", "length")
+    finally:
+        s.stop()

@@ -61,6 +61,7 @@ class EngineConfig:
     max_queue: int = 64  # requests waiting to run; one more is refused (HTTP 429)
     prefill_chunk: int = 64  # prompt tokens processed per iteration, over all prefilling requests
     block_size: int = 16  # positions a KV block holds
+    queue_timeout_s: float | None = 60.0  # a request waiting longer to start ends with "timeout" (503)
 
 
 @dataclass
@@ -305,12 +306,24 @@ class Engine:
         return True
 
     def _drop_cancelled(self) -> None:
+        """Cancelled requests leave; so does one that has waited past the queue timeout
+        without starting (one that was preempted has started: it is never timed out)."""
+        limit = self.config.queue_timeout_s
+        now = time.monotonic()
         with self._lock:
             gone = [r for r in self._waiting if r.cancelled]
-            for r in gone:
+            late = [
+                r
+                for r in self._waiting
+                if limit and not r.cancelled and r.generator is None and now - r.arrival > limit
+            ]
+            for r in gone + late:
                 self._waiting.remove(r)
         for r in gone + [r for r in self._running if r.cancelled]:
             self._finish(r, "cancelled", Event(finish_reason="cancelled"))
+        for r in late:
+            waited = f"the server is overloaded: waited {now - r.arrival:.1f} s to start (limit {limit:g} s)"
+            self._finish(r, "timeout", Event(finish_reason="timeout", error=waited))
 
     # ---- schedule --------------------------------------------------------------------
 

@@ -288,6 +288,8 @@ async def _serve(
                 raise _failed(request, ev)
             if ev.finish_reason == "cancelled":  # a live client's request: the engine is stopping
                 raise APIError(503, "the engine stopped", None, "engine_dead")
+            if ev.finish_reason == "timeout":
+                raise _overloaded(state, ev)
             choices[i].add(ev)
             remaining -= ev.finish_reason is not None
     finally:
@@ -321,6 +323,12 @@ def _failed(request: Request, ev: Event) -> APIError:
     return APIError(
         500, f"the server could not complete this request (request id {rid})", None, "server_error"
     )
+
+
+def _overloaded(state: ServerState, ev: Event) -> APIError:
+    """A request that waited past --queue-timeout to start: 503, with when to retry."""
+    retry = str(state.engine.retry_after())
+    return APIError(503, f"{ev.error}: retry after {retry} s", None, "queue_timeout", {"Retry-After": retry})
 
 
 async def _guarded(gen: AsyncIterator[str], on_exit) -> AsyncIterator[str]:
@@ -378,10 +386,14 @@ async def _stream(state, events, reqs, trackers, call: dict) -> AsyncIterator[st
         out: list[str] = []
         for i, ev in batch:
             trackers[i].see(ev)
-            if ev.finish_reason in ("error", "cancelled"):
+            if ev.finish_reason in ("error", "cancelled", "timeout"):
                 # the status line is long gone: a late failure travels as an error event, as OpenAI's do
-                e = _failed(call["request"], ev) if ev.finish_reason == "error" else None
-                e = e or APIError(503, "the engine stopped", None, "engine_dead")
+                if ev.finish_reason == "error":
+                    e = _failed(call["request"], ev)
+                elif ev.finish_reason == "timeout":
+                    e = _overloaded(state, ev)
+                else:
+                    e = APIError(503, "the engine stopped", None, "engine_dead")
                 out.append(wire.sse(errors.body(e.status, e.message, None, e.code)))
                 yield "".join(out)
                 return

@@ -27,6 +27,12 @@ def _engine_flags(sp: argparse.ArgumentParser) -> None:
         "--prefill-chunk", type=int, default=64, help="prompt tokens processed per step (default 64)"
     )
     sp.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a request may wait to start before it is answered 503 (default 60; 0 = no limit)",
+    )
+    sp.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -41,6 +47,8 @@ def _engine_config(args):
 
     if args.threads < 0:
         raise StratusError("--threads must be 0 (torch's default) or more")
+    if args.queue_timeout < 0:
+        raise StratusError("--queue-timeout must be 0 (no limit) or more seconds")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -49,6 +57,7 @@ def _engine_config(args):
         kv_cache_mb=args.kv_cache_mb,
         max_queue=getattr(args, "max_queue", 4),
         prefill_chunk=args.prefill_chunk,
+        queue_timeout_s=args.queue_timeout or None,
     )
 
 

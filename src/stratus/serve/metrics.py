@@ -26,12 +26,13 @@ class Metrics:
         self.generation_tokens = Counter("stratus_generation_tokens", "tokens generated", registry=r)
         self.finished = Counter(
             "stratus_request_finish",
-            "how each request ended: stop, length, cancelled or error for every sequence the engine "
-            "ran; rejected (4xx) or error (5xx) for a generation call refused before it reached the engine",
+            "how each request ended: stop, length, cancelled, error or timeout (waited past "
+            "--queue-timeout) for every sequence the engine took; "
+            "rejected (4xx) or error (5xx) for a generation call refused before it reached the engine",
             ["reason"],
             registry=r,
         )
-        for reason in ("stop", "length", "cancelled", "error", "rejected"):
+        for reason in ("stop", "length", "cancelled", "error", "timeout", "rejected"):
             self.finished.labels(reason)  # every series exists from the start, at 0
         # the engine reports every ending, including those of clients that left
         engine.on_finish = lambda req: self.finished.labels(req.finish_reason).inc()
