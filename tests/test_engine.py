@@ -155,6 +155,15 @@ def test_detokenizer_holds_back_a_stop_string_arriving_in_pieces(tok):
     assert token_bytes(tok, tok.encode("é", add_special_tokens=False).ids[0]) in ("é".encode(), b"\xc3")
 
 
+def test_incremental_detokenizer_gives_the_whole_decode(tok):
+    text = 'def alpha_1(beta):\n    return "é漢字" + beta  # ünïcode\n' * 3
+    ids = tok.encode(text, add_special_tokens=False).ids
+    d = Detokenizer(tok)
+    pieces = [d.add(t)[0] for t in ids]
+    assert "".join(pieces) + d.flush() == tok.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)  # half a character is never sent
+
+
 def test_penalties_and_logit_bias_change_the_choice(tok):
     logits = torch.tensor([0.0, 3.0, 1.0, 2.0])
     req = Request([0], RequestParams(temperature=0, presence_penalty=1.5, logprobs=2), lambda e: None)

@@ -1,11 +1,16 @@
 """Incremental detokenization with stop strings: text goes out only once it can no longer
-turn out to be the start of a stop string or half of a UTF-8 character."""
+turn out to be the start of a stop string or half of a UTF-8 character.
+
+Each token is decoded once, by the tokenizers library's DecodeStream (which keeps the few
+tokens a merge or a multi-byte character still needs), where decoding the whole output again
+for every token made a request's detokenization quadratic in its length."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 
 class Detokenizer:
@@ -14,21 +19,21 @@ class Detokenizer:
         self.skip = skip  # text the output re-types from the prompt (token healing): not sent
         self.stop = tuple(s for s in stop if s)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.ids: list[int] = []
-        self.text = ""  # everything decoded so far (cut at a stop string once one is found)
+        self.stream = DecodeStream(skip_special_tokens=True)  # as Tokenizer.decode does
+        self.raw = ""  # everything decoded so far, the re-typed prompt tail included
+        self.text = ""  # what follows the prompt (cut at a stop string once one is found)
         self.sent = 0  # characters of text already handed out
 
     def add(self, token: int) -> tuple[str, bool]:
         """Take one more token; return (new text that is safe to send, whether a stop string
         ended the text). Past a stop string nothing is ever returned."""
-        self.ids.append(token)
-        # Decoding the whole output each time is O(n) per token, which is cheap next to a
-        # forward pass, and keeps multi-token characters and merges exactly right.
-        self.text = self.tokenizer.decode(self.ids)
-        if self.skip.startswith(self.text):  # still inside the re-typed tail
+        self.raw += self.stream.step(self.tokenizer, token) or ""  # None: a character still incomplete
+        if self.skip.startswith(self.raw):  # still inside the re-typed tail
             self.text = ""
-        elif self.skip and self.text.startswith(self.skip):
-            self.text = self.text[len(self.skip) :]
+        elif self.skip and self.raw.startswith(self.skip):
+            self.text = self.raw[len(self.skip) :]
+        else:
+            self.text = self.raw
         # A stop string that ends in the new text starts at or after `sent`: text before
         # `sent` was checked when it arrived, and the last `hold` characters were held back.
         hits = [i for s in self.stop if (i := self.text.find(s, self.sent)) >= 0]
