@@ -446,10 +446,24 @@ class Engine:
             for j in range(req.pos // bs, min((req.pos + n) // bs, len(req.hashes))):
                 self.pool.publish(req.blocks[j], req.hashes[j])  # type: ignore[index]
             req.pos += n
+        # the rows that only take the likeliest token are chosen in one call and read from
+        # the device once a step; the others (sampling, penalties, logprobs, healing) per row
+        greedy = [k for k, i in enumerate(batch.sampled) if self._plain_greedy(batch.rows[i])]
+        picked = (
+            dict(zip(greedy, logits[greedy, : self.vocab].argmax(-1).tolist(), strict=True)) if greedy else {}
+        )
         for k, i in enumerate(batch.sampled):
             req = batch.rows[i]
             if req.finish_reason is None:
-                self._isolated(req, self._advance, req, logits[k])
+                self._isolated(req, self._advance, req, logits[k], picked.get(k))
+
+    @staticmethod
+    def _plain_greedy(req: Request) -> bool:
+        p = req.params
+        healing = p.heal_ids and not req.out
+        return p.temperature == 0 and not (
+            p.logit_bias or req.counts is not None or p.logprobs is not None or healing
+        )
 
     def _isolated(self, req: Request, work: Callable, *args) -> None:
         """Run one request's own work; if it raises, that request alone fails."""
@@ -459,11 +473,12 @@ class Engine:
             log.exception("request %d failed; the engine goes on with the others", req.id)
             self._finish(req, "error", Event(finish_reason="error", error="the request failed in the engine"))
 
-    def _advance(self, req: Request, logits: torch.Tensor) -> None:
-        """Sample the request's next token from logits (vocab,) and tell the client."""
+    def _advance(self, req: Request, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Take the request's next token (the greedy one chosen with its batch, else sampled
+        from logits (vocab,)) and tell the client."""
         if req.cancelled:
             return  # dropped at the next iteration; nothing more is sent
-        token, lp, top = choose(logits[: self.vocab], req)
+        token, lp, top = (greedy, None, None) if greedy is not None else choose(logits[: self.vocab], req)
         detok: Detokenizer = req.detok  # type: ignore[assignment]
         if (token == self.eos or token in req.params.stop_token_ids) and not req.params.ignore_eos:
             self._finish(req, "stop", Event(text=detok.flush(), finish_reason="stop"))
