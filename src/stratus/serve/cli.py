@@ -17,7 +17,10 @@ def _engine_flags(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda when present (default)")
     sp.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and KV cache"
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and KV cache; auto = bfloat16 on a GPU, float32 on a CPU (default)",
     )
     sp.add_argument(
         "--max-batch", type=int, default=16, help="sequences running together, rows of a step (default 16)"

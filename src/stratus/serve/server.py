@@ -43,12 +43,20 @@ class Limits:
     max_connections: int = 512  # open connections; one more is answered 503 and closed
 
 
-def open_engine(path: str | Path, config: EngineConfig, device: str = "auto", dtype: str = "float32"):
+def serving_dtype(dtype: str, device: str) -> torch.dtype:
+    """auto: bf16 on a GPU (what it was trained in, at half fp32's memory and bandwidth),
+    fp32 on a CPU (no fast bf16 matmul on most CPUs)."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def open_engine(path: str | Path, config: EngineConfig, device: str = "auto", dtype: str = "auto"):
     """(engine, tokenizer, template, name): a run, checkpoint or export, ready to serve."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     trained = load_trained(path, device)
-    trained.model.to(getattr(torch, dtype))
+    trained.model.to(serving_dtype(dtype, device))
     tokenizer = load_tokenizer(trained.tokenizer_path)
     template = find_template(Path(path), trained.source, trained.run_dir)
     engine = Engine(trained.model, tokenizer, config)
