@@ -11,7 +11,6 @@ A GPU run is planned on the catalog's entry for its GPU; a CPU run on a [cpu] en
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,19 +63,14 @@ class Comparison:
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
+    from stratus.report.run import parse_jsonl
+
     if not path.is_file():
         raise StratusError(f"{path} not found: give a run directory that `stratus train` wrote")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            # a process killed mid-line leaves its last line cut short; anything else is damage
-            if n < len(lines):
-                raise StratusError(f"{path}:{n} is not JSON; is this a stratus run directory?") from None
+    rows, bad, lines = parse_jsonl(path)
+    damaged = [n for n in bad if n < lines]  # a process killed mid-line cuts only the last one
+    if damaged:
+        raise StratusError(f"{path}:{damaged[0]} is not JSON; is this a stratus run directory?")
     return rows
 
 

@@ -107,12 +107,9 @@ def read_run(path: Path, label: str | None = None) -> Run:
     return run
 
 
-def _jsonl(path: Path, gaps: list[str], missing: str | None) -> list[dict[str, Any]]:
-    """The lines that parse; a gap for the rest, and for a missing file that should be there."""
-    if not path.is_file():
-        if missing is not None:
-            gaps.append(f"{path.name} is missing: {missing}")
-        return []
+def parse_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int], int]:
+    """A run's JSON-lines file: the objects that parse, the numbers of the lines that do not
+    (a last one is a line cut by a kill), and the number of lines."""
     rows, bad = [], []
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     for number, line in enumerate(lines, 1):
@@ -127,12 +124,22 @@ def _jsonl(path: Path, gaps: list[str], missing: str | None) -> list[dict[str, A
             rows.append(row)
         else:
             bad.append(number)
+    return rows, bad, len(lines)
+
+
+def _jsonl(path: Path, gaps: list[str], missing: str | None) -> list[dict[str, Any]]:
+    """The lines that parse; a gap for the rest, and for a missing file that should be there."""
+    if not path.is_file():
+        if missing is not None:
+            gaps.append(f"{path.name} is missing: {missing}")
+        return []
+    rows, bad, lines = parse_jsonl(path)
     if bad:
-        last = bad[-1] == len(lines)
+        last = bad[-1] == lines
         where = f"line {bad[0]}" if len(bad) == 1 else f"{len(bad)} lines (first: line {bad[0]})"
         why = "cut off (the run was killed while writing it)" if last and len(bad) == 1 else "not JSON"
         gaps.append(
-            f"{path.name}: {where} of {len(lines)} {'is' if len(bad) == 1 else 'are'} {why}; left out"
+            f"{path.name}: {where} of {lines} {'is' if len(bad) == 1 else 'are'} {why}; left out"
         )
     return rows
 
