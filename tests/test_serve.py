@@ -212,7 +212,7 @@ def test_errors_have_status_and_body_and_the_server_goes_on(server, client, stre
         model=server.model, messages=CHAT, max_tokens=3, user="u-1", extra_body={"min_p": 0.05, "top_k": 5}
     )
     assert r.choices[0].finish_reason in ("stop", "length")
-    for field, value in (("response_format", {"type": "json_object"}), ("whatever", 1)):
+    for field, value in (("modalities", ["text"]), ("whatever", 1)):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=server.model, messages=CHAT, extra_body={field: value})
         assert e.value.body["param"] == field and "does not implement" in e.value.body["message"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer
@@ -32,23 +33,53 @@ ROLES = ("system", "user", "assistant")
 CONFIG_FILE = "tokenizer_config.json"
 STOP_KEY = "stratus_stop_strings"  # transformers keeps unknown keys and ignores them
 
+# Tools and tool calls render as Hermes/Qwen's do (serve/tools.py parses the calls); a
+# conversation without them renders exactly as before they existed.
 CHATML = (
     "{{- bos_token }}"
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n# Tools\\n\\nYou may call one or more functions. Their signatures are "
+    "within <tools></tools>:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each call, write a JSON object with the function name and arguments "
+    'within <tool_call></tool_call> tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": '
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') }}"
+    "{%- for call in message.get('tool_calls') or [] %}"
+    "{{- ('\\n' if (message['content'] or loop.index0) else '') + '<tool_call>\\n' }}"
+    "{{- {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "{{- '\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>' + '\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 TRANSCRIPT = (
+    "{% if tools %}{{ 'System: You may call these functions, each call a JSON object with the function name "
+    "and arguments within <tool_call></tool_call> tags:\\n' }}"
+    "{% for tool in tools %}{{ (tool | tojson) ~ '\\n' }}{% endfor %}{{ '\\n' }}{% endif %}"
     "{% for m in messages %}"
     "{% if m.role in ('system', 'developer') %}{{ 'System: ' }}"
     "{% elif m.role == 'assistant' %}{{ 'Assistant: ' }}"
+    "{% elif m.role == 'tool' %}{{ 'Tool: ' }}"
     "{% else %}{{ 'User: ' }}{% endif %}"
-    "{{ m.content ~ '\\n\\n' }}"
+    "{{ m.content or '' }}"
+    "{% for call in m.tool_calls or [] %}"
+    "{{ ('\\n' if (m.content or loop.index0) else '') ~ '<tool_call>\\n' }}"
+    "{{ {'name': call.function.name, 'arguments': call.function.arguments} | tojson }}"
+    "{{ '\\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '\\n\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 TRANSCRIPT_STOP = ("\nUser:", "\nSystem:")
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 @dataclass(frozen=True)
@@ -58,10 +89,17 @@ class ChatTemplate:
     stop: tuple[str, ...]  # stop strings besides the end-of-turn token
     origin: str  # the file it came from, or "default"
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list | None = None
+    ) -> str:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = _tojson  # transformers' filter: Jinja's own escapes <, > and &
         return env.from_string(self.source).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=EOS, eos_token=EOS
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=EOS,
+            eos_token=EOS,
+            tools=tools,
         )
 
     def assistant_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:

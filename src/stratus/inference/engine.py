@@ -30,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import cached_property
 from math import ceil
 
 import torch
@@ -39,6 +40,7 @@ from stratus.data.tokenizer import eos_id
 from stratus.errors import StratusError
 from stratus.inference.choose import choose
 from stratus.inference.detok import Detokenizer
+from stratus.inference.grammar import Grammars
 from stratus.inference.paged import BlockPool, PagedStep, block_hash
 from stratus.inference.request import (
     ContextOverflow,
@@ -177,6 +179,11 @@ class Engine:
         rounds = (len(self._waiting) + 1) / self.slots
         return max(1, ceil(rounds * self._mean_latency))
 
+    @cached_property
+    def grammars(self) -> Grammars:
+        """The tokenizer as the grammar library sees it, built on first use (it walks the vocabulary)."""
+        return Grammars(self.tokenizer.to_str(), self.tokenizer.get_vocab_size(), self.eos)
+
     # ---- requests --------------------------------------------------------------------
 
     def check(self, prompt: list[int], params: RequestParams) -> RequestParams:
@@ -186,6 +193,8 @@ class Engine:
             raise ValueError("the prompt is empty")
         if min(prompt) < 0 or max(prompt) >= self.model.cfg.vocab_size:
             raise ValueError(f"prompt token ids must lie in [0, {self.model.cfg.vocab_size})")
+        if params.grammar is not None:
+            self.grammars.check(params.grammar)  # GrammarError, a ValueError: the client's 400
         room = self.context - len(prompt)
         if params.max_tokens is None:
             if room < 1:
@@ -436,6 +445,8 @@ class Engine:
         if p.presence_penalty or p.frequency_penalty:
             req.counts = torch.zeros(self.vocab, device=self.device)
         req.detok = Detokenizer(self.tokenizer, p.stop, p.heal_text)
+        if p.grammar is not None:
+            req.matcher = self.grammars.matcher(p.grammar)
 
     # ---- update ----------------------------------------------------------------------
 
@@ -462,7 +473,7 @@ class Engine:
         p = req.params
         healing = p.heal_ids and not req.out
         return p.temperature == 0 and not (
-            p.logit_bias or req.counts is not None or p.logprobs is not None or healing
+            p.logit_bias or req.counts is not None or p.logprobs is not None or healing or req.matcher
         )
 
     def _isolated(self, req: Request, work: Callable, *args) -> None:
@@ -478,15 +489,25 @@ class Engine:
         from logits (vocab,)) and tell the client."""
         if req.cancelled:
             return  # dropped at the next iteration; nothing more is sent
-        token, lp, top = (greedy, None, None) if greedy is not None else choose(logits[: self.vocab], req)
+        logits = logits[: self.vocab]
+        matcher = req.matcher
+        if matcher is not None:  # the grammar's tokens only; the end of turn once it is complete
+            allowed = matcher.allowed(req.params.stop_token_ids)[: self.vocab].to(logits.device)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        token, lp, top = (greedy, None, None) if greedy is not None else choose(logits, req)
         detok: Detokenizer = req.detok  # type: ignore[assignment]
         if (token == self.eos or token in req.params.stop_token_ids) and not req.params.ignore_eos:
             self._finish(req, "stop", Event(text=detok.flush(), finish_reason="stop"))
             return
+        if matcher is not None:
+            matcher.accept(token)
         req.out.append(token)
         text, stopped = detok.add(token)
         ev = Event(text=text, token=token, logprob=lp, top_logprobs=top)
         if stopped:
+            ev.finish_reason = "stop"
+        elif matcher is not None and matcher.done:  # nothing may follow: the grammar ends the output
+            ev.text += detok.flush()
             ev.finish_reason = "stop"
         elif len(req.out) >= (req.params.max_tokens or 0):
             ev.text += detok.flush()

@@ -47,6 +47,7 @@ class RequestParams:
     stop_token_ids: tuple[int, ...] = ()  # these tokens end the request too (a chat model's end of turn)
     heal_ids: tuple[int, ...] = ()  # token healing (prompt.py): the first token is one of these
     heal_text: str = ""  # ... and the prompt's tail it re-types is not part of the completion
+    grammar: str | None = None  # the output must match it (inference/grammar.py): JSON, tool calls
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Request:
     counts: torch.Tensor | None = None  # (vocab,) occurrences, for the penalties
     generator: torch.Generator | None = None
     detok: object = None
+    matcher: object = None  # its grammar.Matcher, when the output is constrained
     done: threading.Event = field(default_factory=threading.Event)
 
     @property

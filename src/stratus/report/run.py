@@ -138,9 +138,7 @@ def _jsonl(path: Path, gaps: list[str], missing: str | None) -> list[dict[str, A
         last = bad[-1] == lines
         where = f"line {bad[0]}" if len(bad) == 1 else f"{len(bad)} lines (first: line {bad[0]})"
         why = "cut off (the run was killed while writing it)" if last and len(bad) == 1 else "not JSON"
-        gaps.append(
-            f"{path.name}: {where} of {lines} {'is' if len(bad) == 1 else 'are'} {why}; left out"
-        )
+        gaps.append(f"{path.name}: {where} of {lines} {'is' if len(bad) == 1 else 'are'} {why}; left out")
     return rows
 
 

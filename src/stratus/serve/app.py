@@ -10,6 +10,7 @@ worker threads: a long prompt never holds up the event loop, and so never /healt
 # No `from __future__ import annotations`: FastAPI must see the request classes that
 # create_app builds for the served model, which string annotations would hide.
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -24,6 +25,7 @@ from tokenizers import Tokenizer
 
 from stratus.data.chat_template import ChatTemplate, find_template
 from stratus.data.tokenizer import eos_id
+from stratus.inference import grammar
 from stratus.inference.engine import Engine
 from stratus.inference.prompt import Encoded, encode_prompt
 from stratus.inference.request import (
@@ -39,6 +41,9 @@ from stratus.serve.errors import APIError
 from stratus.serve.gate import Gate
 from stratus.serve.metrics import CountRequests, Metrics, Tracker
 from stratus.serve.protocol import SEED_LIMIT, Limits, _Sampling, request_models
+from stratus.serve.tools import ToolParser
+from stratus.serve.tools import grammar as tool_grammar
+from stratus.serve.tools import parse as parse_tools
 
 log = logging.getLogger("stratus.serve")
 MiB = 2**20
@@ -103,20 +108,25 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         _check_model(state, body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [_message(m) for m in body.messages]
         _check_length(state, sum(len(m["content"]) for m in messages), "messages")
+        use = ToolUse.of(body)
         try:
-            text = await run_in_threadpool(state.template.render, messages)
+            text = await run_in_threadpool(state.template.render, messages, True, use.tools)
         except Exception as e:  # a model's own template may reject a conversation (roles out of order)
             raise APIError(
                 400, f"the chat template could not render these messages: {e}", "messages"
             ) from None
         params = _params(body, body.max_completion_tokens or body.max_tokens, state.template.stop)
-        params = replace(params, stop_token_ids=state.template.stop_ids(state.tokenizer))
+        params = replace(
+            params,
+            stop_token_ids=state.template.stop_ids(state.tokenizer),
+            grammar=use.grammar or _format_grammar(body),
+        )
         if body.logprobs:
             params = replace(params, logprobs=body.top_logprobs or 0)
         ids = await run_in_threadpool(_encode_all, state, [text], False)
-        return await _serve(state, request, body, ids, params, chat=True)
+        return await _serve(state, request, body, ids, params, chat=True, tool_names=use.parse)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -138,6 +148,86 @@ def create_app(state: ServerState) -> FastAPI:
 
     openapi.install(app, state.api_key is not None)
     return app
+
+
+def _message(m) -> dict:
+    """A message as chat templates take it (transformers' convention: a call's arguments as
+    an object; text that is not JSON is rendered as the string it is)."""
+    out: dict = {"role": m.role, "content": m.text()}
+    if getattr(m, "tool_calls", None):
+        out["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": c.type,
+                "function": {"name": c.function.name, "arguments": _args(c.function)},
+            }
+            for c in m.tool_calls
+        ]
+    if getattr(m, "tool_call_id", None):
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _args(fn) -> object:
+    try:
+        return json.loads(fn.arguments)
+    except json.JSONDecodeError:
+        return fn.arguments
+
+
+@dataclass
+class ToolUse:
+    """What a request's tools ask of the server: the tools to render, the grammar that
+    forces a call (tool_choice "required" or a named function), and the names whose calls
+    are parsed out of the output (none when tool_choice is "none")."""
+
+    tools: list[dict] | None = None
+    grammar: str | None = None
+    parse: set[str] | None = None
+
+    @classmethod
+    def of(cls, body) -> "ToolUse":
+        choice = body.tool_choice
+        if not body.tools:
+            if choice not in (None, "none"):
+                raise APIError(
+                    400, "tool_choice needs tools: send the tools it may choose from", "tool_choice"
+                )
+            return cls()
+        tools = [t.model_dump(exclude_none=True) for t in body.tools]
+        names = [t["function"]["name"] for t in tools]
+        if len(set(names)) < len(names):
+            raise APIError(400, "two tools have the same name: give each function its own", "tools")
+        if not isinstance(choice, str) and choice is not None:
+            choice = choice.model_dump()
+            if choice["function"]["name"] not in names:
+                raise APIError(
+                    400,
+                    f"tool_choice names {choice['function']['name']!r}, which is not among the tools",
+                    "tool_choice",
+                )
+        choice = choice or "auto"
+        forced = tool_grammar(tools, choice, body.parallel_tool_calls)
+        if forced and body.response_format and body.response_format.type != "text":
+            raise APIError(
+                400,
+                "response_format and a forced tool_choice both decide the output: send one of them",
+                "response_format",
+            )
+        return cls(tools, forced, None if choice == "none" else set(names))
+
+
+def _format_grammar(body) -> str | None:
+    """The grammar of the output `response_format` asks for, or None for free text."""
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return grammar.json_schema({"type": "object"})
+    try:
+        return grammar.json_schema(fmt.json_schema.schema_ or {})
+    except grammar.GrammarError as e:
+        raise APIError(400, str(e), "response_format") from None
 
 
 def _model_card(state: ServerState) -> dict:
@@ -208,6 +298,7 @@ async def _serve(
     params: RequestParams,
     chat: bool,
     echo: list[str] | None = None,
+    tool_names: set[str] | None = None,
 ):
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
@@ -229,6 +320,8 @@ async def _serve(
         raise APIError(400, str(e), "messages" if chat else "prompt", "context_length_exceeded") from None
     except NeverFits as e:
         raise APIError(400, str(e), "n", "too_many_sequences") from None
+    except grammar.GrammarError as e:
+        raise APIError(400, str(e), "tools" if tool_names and params.grammar else "response_format") from None
     except ValueError as e:
         raise APIError(400, str(e)) from None
     except QueueFull as e:
@@ -267,6 +360,7 @@ async def _serve(
             "include_usage": include_usage,
             "prompt_tokens": prompt_tokens,
             "request": request,
+            "tool_names": tool_names,
         }
         gen = _stream(state, events, reqs, trackers, call)
         return StreamingResponse(
@@ -298,6 +392,12 @@ async def _serve(
     if echo:
         for i, c in enumerate(choices):
             c.text.insert(0, echo[i // body.n])
+    if tool_names:
+        for c in choices:
+            content, c.tool_calls = parse_tools("".join(c.text), tool_names)
+            c.text = [content] if content else []
+            if c.tool_calls and c.finish_reason == "stop":
+                c.finish_reason = "tool_calls"
     use = wire.usage(prompt_tokens, sum(len(c.tokens) for c in choices))
     build = wire.chat_response if chat else wire.completion_response
     return build(rid, created, state.model_name, choices, want_logprobs, state.tokenizer, use)
@@ -346,10 +446,12 @@ async def _stream(state, events, reqs, trackers, call: dict) -> AsyncIterator[st
     make = wire.chat_chunk if chat else wire.completion_chunk
     echo, n, include_usage = call["echo"], call["n"], call["include_usage"]
     offsets = [0] * len(reqs)
+    names = call["tool_names"]
+    parsers = [ToolParser(names) for _ in reqs] if names else None
 
-    def chunk(i: int, text: str | None, lp_items: list | None, finish: str | None) -> str:
+    def chunk(i: int, text: str | None, lp_items: list | None, finish: str | None, delta=None) -> str:
         if chat:
-            delta = {} if text is None else {"content": text}
+            delta = delta if delta is not None else {} if text is None else {"content": text}
             lp = wire.chat_logprobs(tok, lp_items) if lp_items else None
             choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
@@ -399,13 +501,20 @@ async def _stream(state, events, reqs, trackers, call: dict) -> AsyncIterator[st
                 return
             want_lp = call["logprobs"] and ev.token is not None
             lp = [(ev.token, ev.logprob, ev.top_logprobs or [])] if want_lp else None
-            if ev.text or lp:
+            finish = ev.finish_reason
+            if parsers:  # content and tool calls, as the parser tells them apart
+                deltas = parsers[i].feed(ev.text) + (parsers[i].flush() if finish else [])
+                for k, d in enumerate(deltas or ([{}] if lp else [])):
+                    out.append(chunk(i, None, lp if k == 0 else None, None, d))
+                if finish == "stop" and parsers[i].calls:
+                    finish = "tool_calls"
+            elif ev.text or lp:
                 out.append(chunk(i, ev.text, lp, None))
                 offsets[i] += len(ev.text)
             completion_tokens += ev.token is not None
-            if ev.finish_reason is not None:
+            if finish is not None:
                 remaining -= 1
-                out.append(chunk(i, None if chat else "", None, ev.finish_reason))
+                out.append(chunk(i, None if chat else "", None, finish))
         if out:
             yield "".join(out)
     if include_usage:

@@ -10,10 +10,11 @@ context. Those last limits belong to one model, so `request_models` builds the c
 the model being served. All text must be valid Unicode: JSON can carry a lone UTF-16
 surrogate ("\\ud800") that no tokenizer can encode.
 
-A field this server does not implement (response_format, tools, best_of, ...) is a 400 that
-names it, never accepted and ignored: a client asking for JSON must not get free text with a
-200. `user` is accepted (an end-user id; OpenAI's is for abuse monitoring) and not used. Of
-vLLM's extensions, top_k, min_p and ignore_eos are honoured.
+A field this server does not implement (best_of, suffix, modalities, ...) is a 400 that
+names it, never accepted and ignored: a client asking for something must not get something
+else with a 200. `user` is accepted (an end-user id; OpenAI's is for abuse monitoring) and
+not used. Of vLLM's extensions, top_k, min_p and ignore_eos are honoured. `response_format`
+and a forced `tool_choice` are enforced by a grammar (inference/grammar.py).
 """
 
 from __future__ import annotations
@@ -113,9 +114,23 @@ class TextPart(_Open):
     text: Text
 
 
-class ChatMessage(_Open):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+FunctionName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class FunctionCall(_Open):
+    name: FunctionName
+    arguments: Text  # a JSON object as text, as the model wrote it
+
+
+class ToolCall(_Open):
+    id: Annotated[Text, Field(max_length=MAX_NAME_CHARS)]
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class _Message(_Open):
     content: Text | list[TextPart] | None = None
+    name: Annotated[Text, Field(max_length=MAX_NAME_CHARS)] | None = None  # accepted, not rendered
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -123,11 +138,83 @@ class ChatMessage(_Open):
         return self.content or ""
 
 
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    tool_calls: list[ToolCall] | None = None  # its earlier calls
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    tool_call_id: Annotated[Text, Field(max_length=MAX_NAME_CHARS)]  # the call it answers
+
+
+# The role decides the fields, so the document states which message may carry what.
+ChatMessage = Annotated[
+    SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")
+]
+
+
+class FunctionDef(_Open):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None  # calls are always held to the schema when tool_choice forces them
+
+
+class Tool(_Open):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Open):
+    name: FunctionName
+
+
+class NamedToolChoice(_Open):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Open):
+    name: FunctionName
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the output is always held to the schema
+
+
+class TextFormat(_Open):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Open):
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponse(_Open):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaResponse, Field(discriminator="type")]
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(_Sampling):

@@ -20,6 +20,7 @@ class Choice:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     finish_reason: str | None = None
+    tool_calls: list[dict] | None = None  # parsed out of the text (serve/tools.py)
 
     def add(self, ev: Event) -> None:
         self.text.append(ev.text)
@@ -87,7 +88,7 @@ def chat_response(
         "choices": [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
+                "message": _message(c),
                 "logprobs": chat_logprobs(tok, c.logprobs) if logprobs else None,
                 "finish_reason": c.finish_reason,
             }
@@ -95,6 +96,14 @@ def chat_response(
         ],
         "usage": use,
     }
+
+
+def _message(c: Choice) -> dict:
+    text = "".join(c.text)
+    message = {"role": "assistant", "content": text if text or not c.tool_calls else None, "refusal": None}
+    if c.tool_calls:
+        message["tool_calls"] = c.tool_calls
+    return message
 
 
 def completion_response(
