@@ -316,3 +316,24 @@ def test_a_failing_model_fails_every_request_and_the_engine(model, tok, monkeypa
     assert events[-1].finish_reason == "error" and "device lost" in events[-1].error
     wait_until(lambda: not e.alive, 5, "the engine still claims to be alive")
     assert isinstance(e.error, RuntimeError)
+
+
+def test_prompt_logprobs_over_chunks_equal_one_forward(model, tok):
+    """Echo's prompt scoring: chunked prefill (5 tokens a step, beside another request) and a
+    prompt whose prefix the pool already holds give the model's own log probabilities."""
+    ids = prompt(tok, "def beta(y):\n    return y * 2")
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    e = Engine(model, tok, EngineConfig(max_batch=2, prefill_chunk=5)).start()
+    try:
+        e.generate(ids, GREEDY)  # the prompt's blocks are now cached
+        got = []
+        e.submit(ids[:9], GREEDY, lambda ev: None)
+        for ev in e.stream(ids, RequestParams(max_tokens=2, temperature=0, prompt_logprobs=3)):
+            got += ev.prompt_logprobs or []
+    finally:
+        e.stop()
+    assert [t for t, _, _ in got] == ids[1:]
+    for j, (t, lp, top) in enumerate(got):
+        assert lp == pytest.approx(float(want[j, t]), rel=1e-5, abs=1e-5)
+        assert [a for a, _ in top] == want[j, :320].topk(3).indices.tolist()

@@ -140,6 +140,43 @@ def test_logprobs_chat_and_completions(server, client):
     assert lp.text_offset[0] == 0 and all(len(t) <= 2 for t in lp.top_logprobs)
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(server, client):
+    import torch
+
+    prompt = "def alpha(x):\n    return x"
+    kw = dict(model=server.model, prompt=prompt, max_tokens=4, temperature=0, logprobs=2, echo=True)
+    r = client.completions.create(**kw)
+    lp, text = r.choices[0].logprobs, r.choices[0].text
+    ids = server.tokenizer.encode(prompt, add_special_tokens=False).ids
+    k = len(ids)  # every prompt token is scored: end-of-text comes before the first
+    assert text.startswith(prompt) and "".join(lp.tokens[:k]) == prompt
+    assert len(lp.tokens) == k + r.usage.completion_tokens and lp.text_offset[k] == len(prompt)
+    with torch.no_grad():
+        model = server.engine.model
+        want = torch.log_softmax(model(torch.tensor([[server.state.eos, *ids]]))[0].float(), -1)
+    for j, tid in enumerate(ids):
+        assert lp.token_logprobs[j] == pytest.approx(float(want[j, tid]), abs=1e-5)
+        # (a dict by token text: two tokens that print alike are one key)
+        assert (
+            1 <= len(lp.top_logprobs[j]) <= 2
+            and max(lp.top_logprobs[j].values()) >= lp.token_logprobs[j] - 1e-6
+        )
+    # a second time the prompt's blocks are cached; a scored prompt is computed all the same
+    again = client.completions.create(**kw)
+    assert again.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs, abs=1e-6)
+    streamed = []
+    for c in client.completions.create(**kw, stream=True):
+        if c.choices and c.choices[0].logprobs:
+            streamed += c.choices[0].logprobs.token_logprobs
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-6)
+    # token ids are echoed from the first, which nothing predicts
+    t = client.completions.create(**{**kw, "prompt": ids}).choices[0].logprobs
+    assert t.token_logprobs[0] is None and t.top_logprobs[0] is None
+    with torch.no_grad():
+        bare = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    assert t.token_logprobs[1:k] == pytest.approx([float(bare[j - 1, ids[j]]) for j in range(1, k)], abs=1e-5)
+
+
 def test_models_health_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == [server.model]
     assert httpx.get(server.url + "/health").status_code == 200

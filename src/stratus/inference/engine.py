@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from math import ceil
 
@@ -76,11 +76,15 @@ class Batch:
     tokens: list[int]
     positions: list[int]
     sampled: list[int]  # rows whose last token's logits are sampled (their tokens are all in)
+    # prompt positions whose logits score the next prompt token (echo with logprobs): (row,
+    # index in the flattened batch of the first, how many, the first's position)
+    scored: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
 @torch.inference_mode()
 def execute(model: Transformer, pool: BlockPool, batch: Batch, device) -> torch.Tensor:
-    """One forward over the flattened batch: logits (len(batch.sampled), vocab)."""
+    """One forward over the flattened batch: logits (len(batch.sampled) + scored positions, vocab),
+    the sampled rows' first."""
     step = PagedStep(
         pool,
         [(r.blocks, r.pos, n) for r, n in zip(batch.rows, batch.counts, strict=True)],  # type: ignore[misc]
@@ -88,6 +92,9 @@ def execute(model: Transformer, pool: BlockPool, batch: Batch, device) -> torch.
     )
     ends = torch.tensor(batch.counts, device=device).cumsum(0) - 1
     select = ends[torch.tensor(batch.sampled, device=device, dtype=torch.long)]
+    if batch.scored:
+        extra = [start + j for _, start, n, _ in batch.scored for j in range(n)]
+        select = torch.cat([select, torch.tensor(extra, device=device)])
     tokens = torch.tensor([batch.tokens], device=device)
     positions = torch.tensor([batch.positions], device=device)
     return model(tokens, positions, step, select=select)[0]
@@ -365,13 +372,16 @@ class Engine:
             budget -= n
         if not rows:
             return None
-        tokens, positions, sampled = [], [], []
+        tokens, positions, sampled, scored = [], [], [], []
         for i, (req, n) in enumerate(zip(rows, counts, strict=True)):
+            last = len(req.prompt) - 1  # positions before it predict a prompt token
+            if req.params.prompt_logprobs is not None and req.pos < last:
+                scored.append((i, len(tokens), min(req.pos + n, last) - req.pos, req.pos))
             tokens += self._feed(req, n)
             positions += range(req.pos, req.pos + n)
             if n == self._left(req):
                 sampled.append(i)
-        return Batch(rows, counts, tokens, positions, sampled)
+        return Batch(rows, counts, tokens, positions, sampled, scored)
 
     @staticmethod
     def _feed(req: Request, n: int) -> list[int]:
@@ -396,8 +406,10 @@ class Engine:
         hashes = self._hashes(req)
         bs = self.pool.block_size
         computing = {h for r in self._running for h in r.hashes[r.pos // bs :]}
-        shared = self.pool.share(hashes)
-        if len(shared) < len(hashes) and hashes[len(shared)] in computing:
+        # a request that scores its prompt computes all of it: a shared block has no logits
+        sharing = req.params.prompt_logprobs is None
+        shared = self.pool.share(hashes) if sharing else []
+        if sharing and len(shared) < len(hashes) and hashes[len(shared)] in computing:
             self.pool.release(shared)  # a running request is computing the next block: wait for it
             return False
         need = ceil(len(req.tokens) / bs) - len(shared)
@@ -457,6 +469,10 @@ class Engine:
             for j in range(req.pos // bs, min((req.pos + n) // bs, len(req.hashes))):
                 self.pool.publish(req.blocks[j], req.hashes[j])  # type: ignore[index]
             req.pos += n
+        rest, at = logits[len(batch.sampled) :], 0
+        for i, _, n, first in batch.scored:  # before sampling: the first event carries them
+            self._isolated(batch.rows[i], self._score_prompt, batch.rows[i], rest[at : at + n], first)
+            at += n
         # the rows that only take the likeliest token are chosen in one call and read from
         # the device once a step; the others (sampling, penalties, logprobs, healing) per row
         greedy = [k for k, i in enumerate(batch.sampled) if self._plain_greedy(batch.rows[i])]
@@ -467,6 +483,20 @@ class Engine:
             req = batch.rows[i]
             if req.finish_reason is None:
                 self._isolated(req, self._advance, req, logits[k], picked.get(k))
+
+    def _score_prompt(self, req: Request, logits: torch.Tensor, first: int) -> None:
+        """Log probabilities of prompt tokens first+1 .. from the logits before each (a
+        request computed again after a preemption has them already)."""
+        lps = torch.log_softmax(logits[:, : self.vocab].float(), dim=-1)
+        k = req.params.prompt_logprobs or 0
+        top = torch.topk(lps, k, dim=-1) if k else None
+        for j in range(len(lps)):
+            p = first + j
+            if p < len(req.prompt_lps):
+                continue
+            nxt = req.prompt[p + 1]
+            alts = list(zip(top.indices[j].tolist(), top.values[j].tolist(), strict=True)) if top else []
+            req.prompt_lps.append((nxt, float(lps[j, nxt]), alts))
 
     @staticmethod
     def _plain_greedy(req: Request) -> bool:
@@ -496,14 +526,15 @@ class Engine:
             logits = logits.masked_fill(~allowed, float("-inf"))
         token, lp, top = (greedy, None, None) if greedy is not None else choose(logits, req)
         detok: Detokenizer = req.detok  # type: ignore[assignment]
+        scored = req.prompt_lps if req.params.prompt_logprobs is not None and not req.out else None
         if (token == self.eos or token in req.params.stop_token_ids) and not req.params.ignore_eos:
-            self._finish(req, "stop", Event(text=detok.flush(), finish_reason="stop"))
+            self._finish(req, "stop", Event(text=detok.flush(), finish_reason="stop", prompt_logprobs=scored))
             return
         if matcher is not None:
             matcher.accept(token)
         req.out.append(token)
         text, stopped = detok.add(token)
-        ev = Event(text=text, token=token, logprob=lp, top_logprobs=top)
+        ev = Event(text=text, token=token, logprob=lp, top_logprobs=top, prompt_logprobs=scored)
         if stopped:
             ev.finish_reason = "stop"
         elif matcher is not None and matcher.done:  # nothing may follow: the grammar ends the output

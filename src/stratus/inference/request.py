@@ -47,6 +47,7 @@ class RequestParams:
     stop_token_ids: tuple[int, ...] = ()  # these tokens end the request too (a chat model's end of turn)
     heal_ids: tuple[int, ...] = ()  # token healing (prompt.py): the first token is one of these
     heal_text: str = ""  # ... and the prompt's tail it re-types is not part of the completion
+    prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's and the k likeliest
     grammar: str | None = None  # the output must match it (inference/grammar.py): JSON, tool calls
 
 
@@ -59,6 +60,8 @@ class Event:
     token: int | None = None
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    # on a request's first event, when asked for: (token, logprob, top) of prompt tokens 1..
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" on the last event
     error: str | None = None
     time: float = field(default_factory=time.monotonic)
@@ -85,6 +88,7 @@ class Request:
     generator: torch.Generator | None = None
     detok: object = None
     matcher: object = None  # its grammar.Matcher, when the output is constrained
+    prompt_lps: list = field(default_factory=list)  # prompt tokens 1.. scored so far
     done: threading.Event = field(default_factory=threading.Event)
 
     @property

@@ -135,15 +135,24 @@ def create_app(state: ServerState) -> FastAPI:
         if isinstance(prompts[0], int):
             prompts = [prompts]  # one prompt given as token ids
         _check_length(state, sum(len(p) for p in prompts if isinstance(p, str)), "prompt")
-        ids = await run_in_threadpool(_encode_all, state, prompts, True)
+        # echo with logprobs scores the prompt as the model reads it: no token healing
+        scored = body.echo and body.logprobs is not None
+        ids = await run_in_threadpool(_encode_all, state, prompts, not scored)
         params = _params(body, body.max_tokens if body.max_tokens is not None else 16, ())
         # the model's end of turn ends a completion too, as its generation_config says
         params = replace(params, stop_token_ids=state.template.stop_ids(state.tokenizer))
         if body.logprobs is not None:
-            params = replace(params, logprobs=body.logprobs)
-        echo = (
-            [p if isinstance(p, str) else state.tokenizer.decode(p) for p in prompts] if body.echo else None
-        )
+            params = replace(
+                params, logprobs=body.logprobs, prompt_logprobs=body.logprobs if scored else None
+            )
+        echo = None
+        if body.echo:
+            # a text's first token is the end-of-text stratus puts first, not echoed; token ids
+            # are echoed from the first, which has no logprob (nothing comes before it)
+            echo = [
+                Echo(p, []) if isinstance(p, str) else Echo(state.tokenizer.decode(p), [(p[0], None, None)])
+                for p in prompts
+            ]
         return await _serve(state, request, body, ids, params, chat=False, echo=echo)
 
     openapi.install(app, state.api_key is not None)
@@ -173,6 +182,14 @@ def _args(fn) -> object:
         return json.loads(fn.arguments)
     except json.JSONDecodeError:
         return fn.arguments
+
+
+@dataclass
+class Echo:
+    """A prompt echoed before its completion, and the logprob entries that open it."""
+
+    text: str
+    head: list
 
 
 @dataclass
@@ -297,7 +314,7 @@ async def _serve(
     encoded: list[Encoded],
     params: RequestParams,
     chat: bool,
-    echo: list[str] | None = None,
+    echo: list[Echo] | None = None,
     tool_names: set[str] | None = None,
 ):
     loop = asyncio.get_running_loop()
@@ -391,7 +408,10 @@ async def _serve(
         cancel_unfinished()
     if echo:
         for i, c in enumerate(choices):
-            c.text.insert(0, echo[i // body.n])
+            e = echo[i // body.n]
+            c.text.insert(0, e.text)
+            if params.prompt_logprobs is not None:
+                c.logprobs[:0] = e.head + (c.prompt_logprobs or [])
     if tool_names:
         for c in choices:
             content, c.tool_calls = parse_tools("".join(c.text), tool_names)
@@ -446,6 +466,8 @@ async def _stream(state, events, reqs, trackers, call: dict) -> AsyncIterator[st
     make = wire.chat_chunk if chat else wire.completion_chunk
     echo, n, include_usage = call["echo"], call["n"], call["include_usage"]
     offsets = [0] * len(reqs)
+    scored = echo is not None and call["logprobs"]
+    opened = [False] * len(reqs)
     names = call["tool_names"]
     parsers = [ToolParser(names) for _ in reqs] if names else None
 
@@ -477,9 +499,9 @@ async def _stream(state, events, reqs, trackers, call: dict) -> AsyncIterator[st
                     include_usage,
                 )
             )
-        elif echo:
-            yield chunk(i, echo[i // n], None, None)
-            offsets[i] = len(echo[i // n])
+        elif echo and not scored:  # with its logprobs, a prompt goes out with the first event
+            yield chunk(i, echo[i // n].text, None, None)
+            offsets[i] = len(echo[i // n].text)
     completion_tokens, remaining = 0, len(reqs)
     while remaining:
         batch = [await events.get()]
@@ -499,6 +521,11 @@ async def _stream(state, events, reqs, trackers, call: dict) -> AsyncIterator[st
                 out.append(wire.sse(errors.body(e.status, e.message, None, e.code)))
                 yield "".join(out)
                 return
+            if scored and not opened[i]:
+                opened[i] = True
+                e = echo[i // n]
+                out.append(chunk(i, e.text, e.head + (ev.prompt_logprobs or []), None))
+                offsets[i] = len(e.text)
             want_lp = call["logprobs"] and ev.token is not None
             lp = [(ev.token, ev.logprob, ev.top_logprobs or [])] if want_lp else None
             finish = ev.finish_reason

@@ -21,6 +21,7 @@ class Choice:
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     finish_reason: str | None = None
     tool_calls: list[dict] | None = None  # parsed out of the text (serve/tools.py)
+    prompt_logprobs: list | None = None  # echo with logprobs: the prompt's (engine Event)
 
     def add(self, ev: Event) -> None:
         self.text.append(ev.text)
@@ -30,6 +31,8 @@ class Choice:
                 self.logprobs.append((ev.token, ev.logprob, ev.top_logprobs or []))
         if ev.finish_reason is not None:
             self.finish_reason = ev.finish_reason
+        if ev.prompt_logprobs is not None:
+            self.prompt_logprobs = ev.prompt_logprobs
 
 
 def sse(obj: dict | str) -> str:
@@ -61,8 +64,9 @@ def chat_logprobs(tok: Tokenizer, items: list[tuple[int, float, list[tuple[int, 
 
 
 def completion_logprobs(
-    tok: Tokenizer, items: list[tuple[int, float, list[tuple[int, float]]]], offset: int = 0
+    tok: Tokenizer, items: list[tuple[int, float | None, list[tuple[int, float]] | None]], offset: int = 0
 ) -> dict:
+    """OpenAI's legacy format; an echoed prompt's first token has a null logprob and top."""
     tokens = [_piece(tok, t) for t, _, _ in items]
     offsets, at = [], offset
     for piece in tokens:
@@ -71,7 +75,9 @@ def completion_logprobs(
     return {
         "tokens": tokens,
         "token_logprobs": [lp for _, lp, _ in items],
-        "top_logprobs": [{_piece(tok, a): alp for a, alp in top} for _, _, top in items],
+        "top_logprobs": [
+            None if top is None else {_piece(tok, a): alp for a, alp in top} for _, _, top in items
+        ],
         "text_offset": offsets,
     }
 
