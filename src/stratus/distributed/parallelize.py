@@ -74,7 +74,17 @@ def parallelize(
     return model
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
+def apply_tensor_parallel(
+    model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool, sequence_parallel: bool = True
+) -> None:
+    """Megatron's plan: q/k/v and w1/w3 split by output (heads, hidden units), wo and w2 by
+    input, so a block costs two all-reduces. With sequence_parallel (training) the norms and
+    residuals between blocks are sharded along the sequence and the all-reduces become a
+    reduce-scatter and an all-gather; without it (serving, as vLLM's) every activation
+    between blocks is whole on every rank, and the logits are gathered for sampling."""
+    if not sequence_parallel:
+        _tensor_parallel_replicated(model, tp_mesh)
+        return
     # a pipeline stage may hold neither end of the model (None): plan only what it has
     ends = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
@@ -103,17 +113,49 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: 
                     input_layouts=attention_inputs,
                     desired_input_layouts=(Replicate(), None, None, None, None, None),
                 ),
-                "attention.wq": ColwiseParallel(),
-                "attention.wk": ColwiseParallel(),
-                "attention.wv": ColwiseParallel(),
+                **_BLOCK_MATMULS,
                 "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
                 "ffn_norm": SequenceParallel(),
                 "feed_forward": PrepareModuleInput(
                     input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
                 ),
-                "feed_forward.w1": ColwiseParallel(),
-                "feed_forward.w3": ColwiseParallel(),
                 "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            },
+        )
+
+
+_BLOCK_MATMULS = {
+    "attention.wq": ColwiseParallel(),
+    "attention.wk": ColwiseParallel(),
+    "attention.wv": ColwiseParallel(),
+    "feed_forward.w1": ColwiseParallel(),
+    "feed_forward.w3": ColwiseParallel(),
+}
+
+
+def _tensor_parallel_replicated(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """The plan without sequence parallelism: inputs and outputs of every sharded module are
+    plain, whole tensors, so attention sees its rank's heads as ordinary tensors (and the
+    serving engine's KV cache holds only those heads)."""
+    tied = model.output.weight is model.tok_embeddings.weight
+    parallelize_module(
+        model,
+        tp_mesh,
+        {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
+            "output": ColwiseParallel(output_layouts=Replicate()),
+        },
+    )
+    if tied:
+        model.output.weight = model.tok_embeddings.weight
+    for block in model.layers.values():
+        parallelize_module(
+            block,
+            tp_mesh,
+            {
+                **_BLOCK_MATMULS,
+                "attention.wo": RowwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(),
             },
         )
 

@@ -35,6 +35,7 @@ from math import ceil
 
 import torch
 from tokenizers import Tokenizer
+from torch.distributed.tensor import DTensor
 
 from stratus.data.tokenizer import eos_id
 from stratus.errors import StratusError
@@ -80,17 +81,34 @@ class Batch:
     # index in the flattened batch of the first, how many, the first's position)
     scored: list[tuple[int, int, int, int]] = field(default_factory=list)
 
+    def plan(self) -> StepPlan:
+        return StepPlan(
+            [(r.blocks, r.pos, n) for r, n in zip(self.rows, self.counts, strict=True)],  # type: ignore[misc]
+            self.tokens,
+            self.positions,
+            self.sampled,
+            self.scored,
+        )
+
+
+@dataclass
+class StepPlan:
+    """What the forward needs of a Batch, in plain lists: under tensor parallelism rank 0
+    sends it to the other ranks, which run the same forward on their shards."""
+
+    tables: list[tuple[list[int], int, int]]  # per row: block table, first new position, tokens
+    tokens: list[int]
+    positions: list[int]
+    sampled: list[int]
+    scored: list[tuple[int, int, int, int]]
+
 
 @torch.inference_mode()
-def execute(model: Transformer, pool: BlockPool, batch: Batch, device) -> torch.Tensor:
+def execute(model: Transformer, pool: BlockPool, batch: StepPlan, device) -> torch.Tensor:
     """One forward over the flattened batch: logits (len(batch.sampled) + scored positions, vocab),
     the sampled rows' first."""
-    step = PagedStep(
-        pool,
-        [(r.blocks, r.pos, n) for r, n in zip(batch.rows, batch.counts, strict=True)],  # type: ignore[misc]
-        device,
-    )
-    ends = torch.tensor(batch.counts, device=device).cumsum(0) - 1
+    step = PagedStep(pool, batch.tables, device)
+    ends = torch.tensor([n for _, _, n in batch.tables], device=device).cumsum(0) - 1
     select = ends[torch.tensor(batch.sampled, device=device, dtype=torch.long)]
     if batch.scored:
         extra = [start + j for _, start, n, _ in batch.scored for j in range(n)]
@@ -114,7 +132,10 @@ class Engine:
         self.config = config or EngineConfig()
         if self.config.max_batch < 1 or self.config.max_queue < 0 or self.config.prefill_chunk < 1:
             raise StratusError("engine: need max_batch >= 1, max_queue >= 0 and prefill_chunk >= 1")
-        self.model = model.eval().fuse_projections()
+        # a tensor-parallel model's projections are sharded by output: each rank's q, k and v
+        # are its own heads, and fusing them would interleave the shards
+        sharded = any(isinstance(p, DTensor) for p in model.parameters())
+        self.model = model.eval() if sharded else model.eval().fuse_projections()
         self.tokenizer = tokenizer
         self.eos = eos_id(tokenizer)
         # The model's vocabulary is rounded up to a multiple of 64; ids past the tokenizer's
@@ -124,7 +145,9 @@ class Engine:
         weight = model.output.weight
         self.device = weight.device
         bs = self.config.block_size
-        per_block = BlockPool.bytes_per_block(model.cfg, bs, weight.dtype)
+        wk = model.layers["0"].attention.wk.weight
+        kv_heads = (wk.to_local() if isinstance(wk, DTensor) else wk).shape[0] // model.cfg.head_dim
+        per_block = BlockPool.bytes_per_block(model.cfg, bs, weight.dtype, kv_heads)
         blocks = self.config.max_batch * ceil(self.context / bs)
         if self.config.kv_cache_mb is not None:
             blocks = int(self.config.kv_cache_mb * 2**20 // per_block)
@@ -133,7 +156,10 @@ class Engine:
                     f"a KV cache of {self.config.kv_cache_mb} MiB holds no block of {bs} positions "
                     f"({per_block / 2**20:.3f} MiB each): raise the budget"
                 )
-        self.pool = BlockPool(model.cfg, blocks, bs, self.device, weight.dtype)
+        self.pool = BlockPool(model.cfg, blocks, bs, self.device, weight.dtype, kv_heads)
+        # tensor-parallel serving (inference/tensor_parallel.py): each step's plan goes to the
+        # other ranks before the forward, and None when the loop ends
+        self.broadcast: Callable[[StepPlan | None], None] | None = None
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._lock = threading.Lock()
@@ -310,13 +336,18 @@ class Engine:
                 self._waiting.clear()
             for req in doomed + self._running:
                 self._finish(req, "cancelled", Event(finish_reason="cancelled"))
+            if self.broadcast is not None:
+                self.broadcast(None)  # the other ranks' loops end too
 
     def _iterate(self) -> bool:
         self._drop_cancelled()
         batch = self._schedule()
         if batch is None:
             return False
-        logits = execute(self.model, self.pool, batch, self.device)
+        plan = batch.plan()
+        if self.broadcast is not None:
+            self.broadcast(plan)
+        logits = execute(self.model, self.pool, plan, self.device)
         self._update(batch, logits)
         self.iterations += 1
         return True

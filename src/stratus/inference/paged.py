@@ -30,9 +30,12 @@ def block_hash(parent: bytes, tokens: list[int]) -> bytes:
 
 
 class BlockPool:
-    def __init__(self, cfg: ModelConfig, blocks: int, block_size: int, device, dtype: torch.dtype):
-        # slots flat: block b's position p is slot b * block_size + p
-        shape = (cfg.n_layers, blocks * block_size, cfg.kv_heads, cfg.head_dim)
+    def __init__(
+        self, cfg: ModelConfig, blocks: int, block_size: int, device, dtype: torch.dtype, kv_heads: int = 0
+    ):
+        # slots flat: block b's position p is slot b * block_size + p; a tensor-parallel
+        # rank keeps only its own kv_heads
+        shape = (cfg.n_layers, blocks * block_size, kv_heads or cfg.kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.blocks, self.block_size = blocks, block_size
@@ -44,9 +47,9 @@ class BlockPool:
         self.hits = self.lookups = 0  # prefix-cache blocks found / asked for
 
     @staticmethod
-    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, kv_heads: int = 0) -> int:
         element = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.n_layers * block_size * cfg.kv_heads * cfg.head_dim * element
+        return 2 * cfg.n_layers * block_size * (kv_heads or cfg.kv_heads) * cfg.head_dim * element
 
     @property
     def nbytes(self) -> int:

@@ -74,8 +74,22 @@ def cmd_serve(args, overrides):
         raise StratusError("--max-body-mb, --header-timeout and --keep-alive-timeout must be positive")
     if args.max_connections < 1:
         raise StratusError("--max-connections must be at least 1")
+    if args.tp < 1:
+        raise StratusError("--tp must be at least 1")
     limits = Limits(args.header_timeout, args.keep_alive_timeout, args.max_connections)
-    engine, tokenizer, template, name = open_engine(args.path, _engine_config(args), args.device, args.dtype)
+    engine, tokenizer, template, name = open_engine(
+        args.path, _engine_config(args), args.device, args.dtype, args.tp
+    )
+    if args.tp > 1:
+        import torch.distributed as dist
+
+        from stratus.inference import tensor_parallel
+
+        if dist.get_rank() != 0:  # the other ranks run rank 0's steps until it stops
+            tensor_parallel.follow(engine)
+            dist.destroy_process_group()
+            return
+        engine.broadcast = tensor_parallel.broadcaster()
     api_key = args.api_key or os.environ.get("STRATUS_API_KEY") or None
     state = ServerState(
         engine,
@@ -90,7 +104,13 @@ def cmd_serve(args, overrides):
         f"serving `{state.model_name}` on http://{args.host}:{running.port}/v1 "
         f"({engine.pool.blocks} KV blocks of {engine.pool.block_size} positions, "
         f"{engine.pool.nbytes / 2**20:.1f} MiB, up to {engine.slots} sequences of {engine.context} tokens; "
-        f"chat template: {template.origin}; API key {'required' if api_key else 'off'})",
+        f"chat template: {template.origin}; API key {'required' if api_key else 'off'}"
+        + (
+            f"; tensor parallel over {args.tp} ranks, {engine.pool.k.shape[2]} KV heads a rank"
+            if args.tp > 1
+            else ""
+        )
+        + ")",
         flush=True,
     )
     code = running.serve()
@@ -163,6 +183,12 @@ def add_parsers(verbs) -> None:
         help="open connections; past it, 503 and close (default 512)",
     )
     sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sp.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks (under `torchrun --nproc-per-node N`); rank 0 serves HTTP (default 1)",
+    )
     sp.set_defaults(func=cmd_serve)
 
     sp = verbs.add_parser(

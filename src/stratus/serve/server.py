@@ -51,12 +51,22 @@ def serving_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def open_engine(path: str | Path, config: EngineConfig, device: str = "auto", dtype: str = "auto"):
-    """(engine, tokenizer, template, name): a run, checkpoint or export, ready to serve."""
+def open_engine(
+    path: str | Path, config: EngineConfig, device: str = "auto", dtype: str = "auto", tp: int = 1
+):
+    """(engine, tokenizer, template, name): a run, checkpoint or export, ready to serve; with
+    tp > 1 (under torchrun), this rank's shard of it (inference/tensor_parallel.py)."""
+    mesh = None
+    if tp > 1:
+        from stratus.inference import tensor_parallel
+
+        device, mesh = tensor_parallel.init(tp, device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     trained = load_trained(path, device)
     trained.model.to(serving_dtype(dtype, device))
+    if mesh is not None:
+        tensor_parallel.shard(trained.model, mesh)
     tokenizer = load_tokenizer(trained.tokenizer_path)
     template = find_template(Path(path), trained.source, trained.run_dir)
     engine = Engine(trained.model, tokenizer, config)
