@@ -2,6 +2,8 @@
 
     python benchmarks/serve.py [--run runs/demo] [--requests-per-client 2]
     python benchmarks/serve.py --peer vllm [--vllm-venv .venv-vllm] [--rounds 2]
+    python benchmarks/serve.py --device cuda            # bf16 on a GPU (the server's --dtype auto)
+    python benchmarks/serve.py --smoke --tokenizer T    # tiny and short, on the CPU: the suite runs it
 
 With `--peer vllm`, vLLM's CPU build serves the Hugging Face export of the same weights from
 its own venv (`make vllm-venv` makes it: its pins differ from stratus's), and the same
@@ -50,8 +52,8 @@ from stratus.model import Transformer
 CONTEXT = 256
 
 
-def build_export(run: Path | None, tokenizer: Path | None, out: Path) -> Path:
-    if run is not None and run.exists():
+def build_export(run: Path | None, tokenizer: Path | None, out: Path, smoke: bool = False) -> Path:
+    if run is not None and run.exists() and not smoke:
         trained = load_trained(run)
         cfg = trained.model.cfg.model_copy(update={"max_seq_len": CONTEXT})
         model, tok, origin = Transformer(cfg), trained.tokenizer_path, f"trained weights of {run}"
@@ -60,10 +62,13 @@ def build_export(run: Path | None, tokenizer: Path | None, out: Path) -> Path:
         if tokenizer is None:
             raise SystemExit("no demo run: give --run RUN or --tokenizer tokenizer.json")
         torch.manual_seed(0)
-        cfg = ModelConfig(
-            vocab_size=4096, n_layers=4, d_model=192, n_heads=3, max_seq_len=CONTEXT, tie_embeddings=True
+        shape = dict(n_layers=2, d_model=64, n_heads=2) if smoke else dict(n_layers=4, d_model=192, n_heads=3)
+        cfg = ModelConfig(vocab_size=4096, max_seq_len=CONTEXT, tie_embeddings=True, **shape)
+        model, tok, origin = (
+            Transformer(cfg),
+            tokenizer,
+            "random weights" + ("" if smoke else " of the demo's shape"),
         )
-        model, tok, origin = Transformer(cfg), tokenizer, "random weights of the demo's shape"
     out.mkdir(parents=True)
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
     weights.pop("output.weight") if cfg.tie_embeddings else None
@@ -127,7 +132,9 @@ def start_vllm(venv: Path, hf_dir: Path, name: str, log: Path) -> tuple[subproce
     return proc, url
 
 
-def start_server(export: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(
+    export: Path, max_batch: int, threads: int, device: str = "cpu"
+) -> tuple[subprocess.Popen, str]:
     cmd = [
         sys.executable,
         "-m",
@@ -139,7 +146,7 @@ def start_server(export: Path, max_batch: int, threads: int) -> tuple[subprocess
         "--log-level",
         "warning",
     ]
-    cmd += ["--max-batch", str(max_batch), "--device", "cpu", "--threads", str(threads)]
+    cmd += ["--max-batch", str(max_batch), "--device", device, "--threads", str(threads)]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
@@ -191,7 +198,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
         "stream_options": {"include_usage": True},
     }
     sent = time.perf_counter()
-    times, tokens = [], 0
+    times, tokens, first = [], 0, None
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -200,10 +207,14 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["text"]:
-                times.append(time.perf_counter())
+            elif chunk["choices"]:
+                first = first or time.perf_counter()
+                if chunk["choices"][0]["text"]:
+                    times.append(time.perf_counter())
     return {
-        "ttft": times[0] - sent,
+        # a completion whose tokens are all held back (a random model's partial UTF-8) has
+        # no text until its last chunk: its first chunk then stands for the first token
+        "ttft": (times[0] if times else first) - sent,
         "itl": [b - a for a, b in zip(times, times[1:], strict=False)],
         "tokens": tokens,
         "decode": (tokens - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0,
@@ -232,21 +243,24 @@ async def load_phase(url: str, model: str, workload: list[tuple[list[int], int]]
     return {
         "ttft_ms": statistics.median(r["ttft"] for r in results) * 1e3,
         "ttft_p90_ms": sorted(r["ttft"] for r in results)[int(0.9 * (len(results) - 1))] * 1e3,
-        "itl_ms": statistics.median(itl) * 1e3,
-        "itl_p90_ms": sorted(itl)[int(0.9 * (len(itl) - 1))] * 1e3,
+        "itl_ms": statistics.median(itl) * 1e3 if itl else float("nan"),
+        "itl_p90_ms": sorted(itl)[int(0.9 * (len(itl) - 1))] * 1e3 if itl else float("nan"),
         "ttft_p99_ms": sorted(r["ttft"] for r in results)[int(0.99 * (len(results) - 1))] * 1e3,
-        "itl_p99_ms": sorted(itl)[int(0.99 * (len(itl) - 1))] * 1e3,
+        "itl_p99_ms": sorted(itl)[int(0.99 * (len(itl) - 1))] * 1e3 if itl else float("nan"),
         "stream_decode_tps": statistics.median(r["decode"] for r in results),
         "output_tps": sum(r["tokens"] for r in results) / wall,
         "requests": len(results),
     }
 
 
-def hf_generate(hf_dir: Path, prompt_len: int, new: int, batch: int, repeats: int = 3) -> dict:
+def hf_generate(
+    hf_dir: Path, prompt_len: int, new: int, batch: int, repeats: int = 3, device: str = "cpu"
+) -> dict:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    ids = torch.randint(10, 4000, (batch, prompt_len))
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # as the server's --dtype auto
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+    ids = torch.randint(10, 4000, (batch, prompt_len), device=device)
     mask = torch.ones_like(ids)
 
     def timed(n: int) -> float:
@@ -262,6 +276,8 @@ def hf_generate(hf_dir: Path, prompt_len: int, new: int, batch: int, repeats: in
                     do_sample=False,
                     pad_token_id=0,
                 )
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t)
             assert out.shape[1] == prompt_len + n
         return best
@@ -382,25 +398,31 @@ def main() -> None:
     p.add_argument("--peer", choices=("transformers", "vllm"), default="transformers")
     p.add_argument("--vllm-venv", type=Path, default=Path(".venv-vllm"), help="vLLM's own venv")
     p.add_argument("--rounds", type=int, default=2, help="--peer vllm: rounds of both servers, in turn")
-    p.add_argument("--json", type=Path, help="--peer vllm: write every round's figures here")
+    p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--device", default="cpu", help="the server's and transformers' device (cpu, cuda)")
+    p.add_argument("--smoke", action="store_true", help="a tiny random model, few short requests")
     args = p.parse_args()
+    if args.smoke and args.tokenizer is None:
+        p.error("--smoke needs --tokenizer (random weights)")
     torch.set_num_threads(args.threads)
     rng = random.Random(0)
 
     with tempfile.TemporaryDirectory() as tmp:
-        export = build_export(args.run, args.tokenizer, Path(tmp) / "model")
+        export = build_export(args.run, args.tokenizer, Path(tmp) / "model", args.smoke)
         hf_dir = export_hf(export, Path(tmp) / "hf")
         if args.peer == "vllm":
             run_peer(args, export, hf_dir, Path(tmp))
             return
-        proc, url = start_server(export, args.max_batch, args.server_threads)
+        proc, url = start_server(export, args.max_batch, args.server_threads, args.device)
         rows: dict[str, dict] = {}
+        # the smoke run checks the code path, not the figures: two levels, short outputs
+        levels, new = ((1, 4), (8, 16)) if args.smoke else ((1, 4, 16), (64, 128))
         try:
             model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
             warm = [([rng.randrange(10, 4000) for _ in range(32)], 8)] * 2
             asyncio.run(load_phase(url, model, warm, 2))
             print("\np50 ms of one request, keep-alive against a fresh connection:")
-            latency = connection_latency(url, model)
+            latency = connection_latency(url, model, 4 if args.smoke else 40)
             for name, ms in latency.items():
                 print(f"  {name:30} {ms:7.2f}")
             for what in ("completion", "health"):
@@ -408,23 +430,27 @@ def main() -> None:
                 print(f"  {what}: keep-alive / fresh = {ratio:.2f}x")
             if args.latency_only:
                 return
-            for c in (1, 4, 16):
+            for c in levels:
                 work = [
-                    ([rng.randrange(10, 4000) for _ in range(rng.randint(32, 128))], rng.randint(64, 128))
-                    for _ in range(c * args.requests_per_client)
+                    ([rng.randrange(10, 4000) for _ in range(rng.randint(32, 128))], rng.randint(*new))
+                    for _ in range(c * (1 if args.smoke else args.requests_per_client))
                 ]
                 rows[f"stratus serve, concurrency {c}"] = asyncio.run(load_phase(url, model, work, c))
         finally:
             proc.terminate()
             proc.wait(30)
-        rows["transformers generate, batch 1"] = hf_generate(hf_dir, 80, 96, 1)
-        rows["transformers generate, batch 8"] = hf_generate(hf_dir, 80, 96, 8)
+        out = 8 if args.smoke else 96
+        rows["transformers generate, batch 1"] = hf_generate(hf_dir, 80, out, 1, device=args.device)
+        rows["transformers generate, batch 8"] = hf_generate(hf_dir, 80, out, 8, device=args.device)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
 
     import transformers
 
     print(
         f"\ntorch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{os.cpu_count()} CPUs, fp32, greedy"
+        f"{os.cpu_count()} CPUs, {args.device}, "
+        f"{'bf16' if args.device.startswith('cuda') else 'fp32'}, greedy"
     )
     print(
         f"{'':34} {'TTFT ms (p50/p90)':>18} {'ITL ms (p50/p90)':>17} "
@@ -434,12 +460,12 @@ def main() -> None:
         ttft = f"{r['ttft_ms']:.1f}" + (f"/{r['ttft_p90_ms']:.1f}" if "ttft_p90_ms" in r else "")
         itl = f"{r['itl_ms']:.2f}" + (f"/{r['itl_p90_ms']:.2f}" if "itl_p90_ms" in r else "")
         print(f"{name:34} {ttft:>18} {itl:>17} {r['stream_decode_tps']:>13.1f} {r['output_tps']:>13.1f}")
-    s1, s16 = rows["stratus serve, concurrency 1"], rows["stratus serve, concurrency 16"]
+    s1, s16 = rows["stratus serve, concurrency 1"], rows[f"stratus serve, concurrency {levels[-1]}"]
     hf1 = rows["transformers generate, batch 1"]
     single = s1["stream_decode_tps"] / hf1["stream_decode_tps"]
     scale = s16["output_tps"] / s1["output_tps"]
     print(f"\nsingle-stream decode, stratus serve / transformers generate: {single:.2f}x (target >= 1.5x)")
-    print(f"aggregate output tokens/s, concurrency 16 / concurrency 1: {scale:.2f}x (target >= 4x)")
+    print(f"aggregate output tokens/s, concurrency {levels[-1]} / concurrency 1: {scale:.2f}x (target >= 4x)")
     print(
         f"(transformers batch 8 / batch 1 output tokens/s: "
         f"{rows['transformers generate, batch 8']['output_tps'] / hf1['output_tps']:.2f}x)"

@@ -26,3 +26,27 @@ def test_gpu_benchmark_smoke(tmp_path):
     for row in rows:
         assert row["tokens_per_s"] > 0 and row["predicted_gib"] > 0
         assert row["mfu"] is None and row["peak_gib"] is None  # no peak FLOP/s or allocator on the CPU
+
+
+def test_serve_benchmark_smoke(tmp_path, tiny_data):
+    """benchmarks/serve.py --smoke: the server under load and transformers beside it, on a
+    tiny random model on the CPU; `--device cuda` is the same code on a GPU."""
+    out = tmp_path / "serve.json"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--smoke", "--device", "cpu"]
+        + ["--tokenizer", str(tiny_data / "tokenizer.json"), "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert set(rows) == {
+        "stratus serve, concurrency 1",
+        "stratus serve, concurrency 4",
+        "transformers generate, batch 1",
+        "transformers generate, batch 8",
+    }
+    for row in rows.values():
+        assert row["output_tps"] > 0 and row["ttft_ms"] > 0
