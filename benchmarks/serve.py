@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py [--run runs/demo] [--requests-per-client 2]
     python benchmarks/serve.py --peer vllm [--vllm-venv .venv-vllm] [--rounds 2]
+    python benchmarks/serve.py --features               # what prefix caching buys (on, then off)
     python benchmarks/serve.py --device cuda            # bf16 on a GPU (the server's --dtype auto)
     python benchmarks/serve.py --smoke --tokenizer T    # tiny and short, on the CPU: the suite runs it
 
@@ -133,7 +134,7 @@ def start_vllm(venv: Path, hf_dir: Path, name: str, log: Path) -> tuple[subproce
 
 
 def start_server(
-    export: Path, max_batch: int, threads: int, device: str = "cpu"
+    export: Path, max_batch: int, threads: int, device: str = "cpu", extra: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen, str]:
     cmd = [
         sys.executable,
@@ -146,7 +147,7 @@ def start_server(
         "--log-level",
         "warning",
     ]
-    cmd += ["--max-batch", str(max_batch), "--device", device, "--threads", str(threads)]
+    cmd += ["--max-batch", str(max_batch), "--device", device, "--threads", str(threads), *extra]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
@@ -319,6 +320,46 @@ def peer_workloads(rng: random.Random, per_client: int) -> dict[str, tuple[int, 
     return out
 
 
+def run_features(args, export: Path) -> None:
+    """The shared-prefix workload with prefix caching on and off, in turn: the hit ratio the
+    server reports (/metrics) and what it buys in tokens/s and time to first token."""
+    rng = random.Random(1)
+    prefix = [rng.randrange(10, 4000) for _ in range(96)]
+    work = [
+        (prefix + [rng.randrange(10, 4000) for _ in range(16)], 64)
+        for _ in range(16 * args.requests_per_client)
+    ]
+    got: dict[str, list[dict]] = {"on": [], "off": []}
+    for _ in range(args.rounds):
+        for mode in ("on", "off"):
+            extra = () if mode == "on" else ("--no-prefix-caching",)
+            proc, url = start_server(export, 64, args.server_threads, args.device, extra)
+            try:
+                model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+                res = asyncio.run(load_phase(url, model, list(work), 16))
+                m = re.search(
+                    r"^stratus_prefix_cache_hit_ratio (\S+)$", httpx.get(url + "/metrics").text, re.M
+                )
+                res["hit_ratio"] = float(m.group(1)) if m else float("nan")
+                got[mode].append(res)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+    print(f"\nshared 96-token prefix + 16 own tokens, 64 new, concurrency 16, {args.rounds} rounds (median):")
+    med = {m: {k: statistics.median(r[k] for r in got[m]) for k in got[m][0]} for m in got}
+    for mode in ("on", "off"):
+        r = med[mode]
+        print(
+            f"  prefix caching {mode:3}: hit ratio {r['hit_ratio']:.2f}, "
+            f"{r['output_tps']:.0f} output tokens/s, "
+            f"TTFT p50 {r['ttft_ms']:.1f} ms, p99 {r['ttft_p99_ms']:.1f} ms"
+        )
+    print(
+        f"  on / off: output tokens/s {med['on']['output_tps'] / med['off']['output_tps']:.2f}x, "
+        f"TTFT p50 {med['on']['ttft_ms'] / med['off']['ttft_ms']:.2f}x"
+    )
+
+
 def run_peer(args, export: Path, hf_dir: Path, tmp: Path) -> None:
     rng = random.Random(0)
     work = peer_workloads(rng, args.requests_per_client)
@@ -401,6 +442,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--device", default="cpu", help="the server's and transformers' device (cpu, cuda)")
     p.add_argument("--smoke", action="store_true", help="a tiny random model, few short requests")
+    p.add_argument("--features", action="store_true", help="prefix caching on against off")
     args = p.parse_args()
     if args.smoke and args.tokenizer is None:
         p.error("--smoke needs --tokenizer (random weights)")
@@ -412,6 +454,9 @@ def main() -> None:
         hf_dir = export_hf(export, Path(tmp) / "hf")
         if args.peer == "vllm":
             run_peer(args, export, hf_dir, Path(tmp))
+            return
+        if args.features:
+            run_features(args, export)
             return
         proc, url = start_server(export, args.max_batch, args.server_threads, args.device)
         rows: dict[str, dict] = {}

@@ -267,6 +267,13 @@ def test_prefix_cache_hits_give_the_same_output_as_misses(model, tok):
         assert all(r.out == plain_greedy(model, other, 20, e.eos) for r in reqs)
     finally:
         e.stop()
+    # with prefix caching off (--no-prefix-caching) nothing is shared, and the text is the same
+    off = Engine(model, tok, EngineConfig(max_batch=4, block_size=4, prefix_caching=False)).start()
+    try:
+        assert off.generate(ids, GREEDY).tokens == off.generate(ids, GREEDY).tokens == miss.tokens
+        assert off.pool.hits == 0 and not off.pool.cached
+    finally:
+        off.stop()
 
 
 def test_preemption_under_a_small_pool_finishes_every_request_with_the_same_text(model, tok):

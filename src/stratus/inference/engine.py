@@ -65,6 +65,7 @@ class EngineConfig:
     prefill_chunk: int = 64  # prompt tokens processed per iteration, over all prefilling requests
     block_size: int = 16  # positions a KV block holds
     queue_timeout_s: float | None = 60.0  # a request waiting longer to start ends with "timeout" (503)
+    prefix_caching: bool = True  # share full blocks of a prompt prefix the pool already holds
 
 
 @dataclass
@@ -438,7 +439,7 @@ class Engine:
         bs = self.pool.block_size
         computing = {h for r in self._running for h in r.hashes[r.pos // bs :]}
         # a request that scores its prompt computes all of it: a shared block has no logits
-        sharing = req.params.prompt_logprobs is None
+        sharing = self.config.prefix_caching and req.params.prompt_logprobs is None
         shared = self.pool.share(hashes) if sharing else []
         if sharing and len(shared) < len(hashes) and hashes[len(shared)] in computing:
             self.pool.release(shared)  # a running request is computing the next block: wait for it
@@ -497,8 +498,9 @@ class Engine:
         bs = self.pool.block_size
         for req, n in zip(batch.rows, batch.counts, strict=True):
             # blocks that filled in this step: later requests with the same prefix share them
-            for j in range(req.pos // bs, min((req.pos + n) // bs, len(req.hashes))):
-                self.pool.publish(req.blocks[j], req.hashes[j])  # type: ignore[index]
+            if self.config.prefix_caching:
+                for j in range(req.pos // bs, min((req.pos + n) // bs, len(req.hashes))):
+                    self.pool.publish(req.blocks[j], req.hashes[j])  # type: ignore[index]
             req.pos += n
         rest, at = logits[len(batch.sampled) :], 0
         for i, _, n, first in batch.scored:  # before sampling: the first event carries them

@@ -30,6 +30,12 @@ def _engine_flags(sp: argparse.ArgumentParser) -> None:
         "--prefill-chunk", type=int, default=64, help="prompt tokens processed per step (default 64)"
     )
     sp.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="compute every prompt whole, sharing no cached block (to measure what caching buys)",
+    )
+    sp.add_argument(
         "--queue-timeout",
         type=float,
         default=60.0,
@@ -61,6 +67,7 @@ def _engine_config(args):
         max_queue=getattr(args, "max_queue", 4),
         prefill_chunk=args.prefill_chunk,
         queue_timeout_s=args.queue_timeout or None,
+        prefix_caching=args.prefix_caching,
     )
 
 
