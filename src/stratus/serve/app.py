@@ -126,7 +126,11 @@ def create_app(state: ServerState) -> FastAPI:
         if body.logprobs:
             params = replace(params, logprobs=body.top_logprobs or 0)
         ids = await run_in_threadpool(_encode_all, state, [text], False)
-        return await _serve(state, request, body, ids, params, chat=True, tool_names=use.parse)
+        # which field's grammar the engine may refuse (it compiles it against the vocabulary)
+        source = "tools" if use.grammar else "response_format"
+        return await _serve(
+            state, request, body, ids, params, chat=True, tool_names=use.parse, grammar_of=source
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -316,6 +320,7 @@ async def _serve(
     chat: bool,
     echo: list[Echo] | None = None,
     tool_names: set[str] | None = None,
+    grammar_of: str | None = None,
 ):
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
@@ -338,7 +343,7 @@ async def _serve(
     except NeverFits as e:
         raise APIError(400, str(e), "n", "too_many_sequences") from None
     except grammar.GrammarError as e:
-        raise APIError(400, str(e), "tools" if tool_names and params.grammar else "response_format") from None
+        raise APIError(400, str(e), grammar_of) from None
     except ValueError as e:
         raise APIError(400, str(e)) from None
     except QueueFull as e:
