@@ -50,8 +50,10 @@ class Comparison:
             "planned_on": self.cluster.gpu.name,
             "world_size": self.facts["world_size"],
             "layout": self.facts["layout"],
-            "predicted": {"step_time_s": round(p.step_time_s, 4), "memory_gib": round(p.memory_gb, 3)},
-            "measured": {"step_time_s": round(m.step_time_s, 4), "memory_gib": round(m.memory_gib, 3)},
+            # six decimals: a CPU test run's step is tens of milliseconds, and four decimals
+            # would round away a part in a thousand of it
+            "predicted": {"step_time_s": round(p.step_time_s, 6), "memory_gib": round(p.memory_gb, 6)},
+            "measured": {"step_time_s": round(m.step_time_s, 6), "memory_gib": round(m.memory_gib, 6)},
             "error": {
                 "step_time": round(p.step_time_s / m.step_time_s - 1, 4),
                 "memory": round(p.memory_gb / m.memory_gib - 1, 4),
