@@ -62,7 +62,9 @@ class EngineConfig:
     max_batch: int = 16  # sequences running together (rows of a step)
     kv_cache_mb: float | None = None  # KV pool in MiB; None = max_batch whole contexts
     max_queue: int = 64  # requests waiting to run; one more is refused (HTTP 429)
-    prefill_chunk: int = 64  # prompt tokens processed per iteration, over all prefilling requests
+    # prompt tokens a step, over all prefilling requests (vLLM's max_num_batched_tokens): 512 gave
+    # 1.13x the tokens/s and a quarter of the TTFT of 64 at concurrency 64 (README)
+    prefill_chunk: int = 512
     block_size: int = 16  # positions a KV block holds
     queue_timeout_s: float | None = 60.0  # a request waiting longer to start ends with "timeout" (503)
     prefix_caching: bool = True  # share full blocks of a prompt prefix the pool already holds

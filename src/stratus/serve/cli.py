@@ -27,7 +27,7 @@ def _engine_flags(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument("--kv-cache-mb", type=float, help="KV block pool, MiB (default: --max-batch contexts)")
     sp.add_argument(
-        "--prefill-chunk", type=int, default=64, help="prompt tokens processed per step (default 64)"
+        "--prefill-chunk", type=int, default=512, help="prompt tokens processed per step (default 512)"
     )
     sp.add_argument(
         "--no-prefix-caching",
