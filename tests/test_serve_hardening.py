@@ -354,14 +354,14 @@ def test_a_request_that_fails_in_the_engine_fails_alone(export, monkeypatch):
     no internals in the body, its request id in the log; the engine serves the others."""
     from stratus.inference import engine as engine_module
 
-    real = engine_module.choose
+    real = engine_module.draw
 
     def picky(logits, req):
         if req.params.seed == 666:
             raise RuntimeError("secret internals")
         return real(logits, req)
 
-    monkeypatch.setattr(engine_module, "choose", picky)
+    monkeypatch.setattr(engine_module, "draw", picky)
     s = LiveServer(export)
     s.engine_thread = s.engine._thread
     try:

@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor
 
 from stratus.data.tokenizer import eos_id
 from stratus.errors import StratusError
-from stratus.inference.choose import choose
+from stratus.inference.choose import Draw, draw, resolve
 from stratus.inference.detok import Detokenizer
 from stratus.inference.grammar import Grammars
 from stratus.inference.paged import BlockPool, PagedStep, block_hash
@@ -508,16 +508,25 @@ class Engine:
         for i, _, n, first in batch.scored:  # before sampling: the first event carries them
             self._isolated(batch.rows[i], self._score_prompt, batch.rows[i], rest[at : at + n], first)
             at += n
-        # the rows that only take the likeliest token are chosen in one call and read from
-        # the device once a step; the others (sampling, penalties, logprobs, healing) per row
-        greedy = [k for k, i in enumerate(batch.sampled) if self._plain_greedy(batch.rows[i])]
-        picked = (
-            dict(zip(greedy, logits[greedy, : self.vocab].argmax(-1).tolist(), strict=True)) if greedy else {}
-        )
-        for k, i in enumerate(batch.sampled):
-            req = batch.rows[i]
-            if req.finish_reason is None:
-                self._isolated(req, self._advance, req, logits[k], picked.get(k))
+        # Every row's token is chosen on the device and read to the host once a step (a GPU
+        # syncs once, not once a row): the rows that only take the likeliest token in one
+        # argmax, the others (sampling, penalties, logprobs, healing, grammar) drawn each.
+        live = [(k, batch.rows[i]) for k, i in enumerate(batch.sampled)]
+        live = [(k, r) for k, r in live if r.finish_reason is None and not r.cancelled]
+        greedy = [k for k, r in live if self._plain_greedy(r)]
+        plain = set(greedy)
+        draws: dict[int, Draw] = {}
+        for k, req in live:
+            if k not in plain and (d := self._isolated(req, self._draw, req, logits[k])) is not None:
+                draws[k] = d
+        chosen = {}
+        if greedy:
+            best = logits[greedy, : self.vocab].argmax(-1).tolist()
+            chosen = {k: (t, None, None) for k, t in zip(greedy, best, strict=True)}
+        chosen.update(zip(draws, resolve(list(draws.values())), strict=True))
+        for k, req in live:
+            if k in chosen:  # a request whose draw failed has finished with an error
+                self._isolated(req, self._take, req, *chosen[k])
 
     def _score_prompt(self, req: Request, logits: torch.Tensor, first: int) -> None:
         """Log probabilities of prompt tokens first+1 .. from the logits before each (a
@@ -541,25 +550,27 @@ class Engine:
             p.logit_bias or req.counts is not None or p.logprobs is not None or healing or req.matcher
         )
 
-    def _isolated(self, req: Request, work: Callable, *args) -> None:
-        """Run one request's own work; if it raises, that request alone fails."""
+    def _isolated(self, req: Request, work: Callable, *args):
+        """Run one request's own work and return what it returns; if it raises, that request
+        alone fails (and None is returned)."""
         try:
-            work(*args)
+            return work(*args)
         except Exception:
             log.exception("request %d failed; the engine goes on with the others", req.id)
             self._finish(req, "error", Event(finish_reason="error", error="the request failed in the engine"))
+            return None
 
-    def _advance(self, req: Request, logits: torch.Tensor, greedy: int | None = None) -> None:
-        """Take the request's next token (the greedy one chosen with its batch, else sampled
-        from logits (vocab,)) and tell the client."""
-        if req.cancelled:
-            return  # dropped at the next iteration; nothing more is sent
+    def _draw(self, req: Request, logits: torch.Tensor) -> Draw:
+        """The request's next token, drawn on the device from logits (vocab,)."""
         logits = logits[: self.vocab]
-        matcher = req.matcher
-        if matcher is not None:  # the grammar's tokens only; the end of turn once it is complete
-            allowed = matcher.allowed(req.params.stop_token_ids)[: self.vocab].to(logits.device)
+        if req.matcher is not None:  # the grammar's tokens only; the end of turn once it is complete
+            allowed = req.matcher.allowed(req.params.stop_token_ids)[: self.vocab].to(logits.device)
             logits = logits.masked_fill(~allowed, float("-inf"))
-        token, lp, top = (greedy, None, None) if greedy is not None else choose(logits, req)
+        return draw(logits, req)
+
+    def _take(self, req: Request, token: int, lp: float | None, top: list | None) -> None:
+        """Take the request's next token and tell the client."""
+        matcher = req.matcher
         detok: Detokenizer = req.detok  # type: ignore[assignment]
         scored = req.prompt_lps if req.params.prompt_logprobs is not None and not req.out else None
         if (token == self.eos or token in req.params.stop_token_ids) and not req.params.ignore_eos:
