@@ -14,6 +14,7 @@ logits gathered whole. When rank 0's engine stops it sends None, and the others 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -66,7 +67,7 @@ def shard(model: Transformer, mesh) -> Transformer:
     return model
 
 
-def broadcaster() -> callable:
+def broadcaster() -> Callable[[StepPlan | None], None]:
     """Rank 0's side: send each step's plan (None at the end) to every other rank."""
 
     def send(plan: StepPlan | None) -> None:
