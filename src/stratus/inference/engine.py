@@ -508,9 +508,10 @@ class Engine:
         for i, _, n, first in batch.scored:  # before sampling: the first event carries them
             self._isolated(batch.rows[i], self._score_prompt, batch.rows[i], rest[at : at + n], first)
             at += n
-        # Every row's token is chosen on the device and read to the host once a step (a GPU
-        # syncs once, not once a row): the rows that only take the likeliest token in one
-        # argmax, the others (sampling, penalties, logprobs, healing, grammar) drawn each.
+        # Every row's token is chosen on the device and read to the host with the others (a
+        # GPU syncs at most twice a step, not once a row): the rows that only take the
+        # likeliest token in one argmax, the others (sampling, penalties, logprobs, healing,
+        # grammar) drawn each and resolved together.
         live = [(k, batch.rows[i]) for k, i in enumerate(batch.sampled)]
         live = [(k, r) for k, r in live if r.finish_reason is None and not r.cancelled]
         greedy = [k for k, r in live if self._plain_greedy(r)]
