@@ -166,17 +166,10 @@ def test_named_tool_call_round_trips_streaming_and_not(server, client):
 
 
 def test_required_tool_choice_calls_one_of_the_tools(server, client):
-    r = client.chat.completions.create(
-        model=server.model,
-        messages=ASK,
-        max_tokens=150,
-        temperature=1.0,
-        seed=11,
-        n=3,
-        tools=[WEATHER, TIME],
-        tool_choice="required",
-        parallel_tool_calls=False,
+    kw = dict(
+        model=server.model, messages=ASK, temperature=1.0, tools=[WEATHER, TIME], tool_choice="required"
     )
+    r = client.chat.completions.create(**kw, max_tokens=150, seed=11, n=3, parallel_tool_calls=False)
     params = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
     for choice in r.choices:
         assert choice.finish_reason == "tool_calls"
@@ -184,16 +177,7 @@ def test_required_tool_choice_calls_one_of_the_tools(server, client):
         jsonschema.validate(json.loads(call.function.arguments), params[call.function.name])
     # parallel calls (the default): one or more, each valid; max_tokens may cut a later one,
     # and a cut call is never given out as a call
-    r = client.chat.completions.create(
-        model=server.model,
-        messages=ASK,
-        max_tokens=300,
-        temperature=1.0,
-        seed=5,
-        n=2,
-        tools=[WEATHER, TIME],
-        tool_choice="required",
-    )
+    r = client.chat.completions.create(**kw, max_tokens=300, seed=5, n=2)
     for choice in r.choices:
         assert choice.message.tool_calls and choice.finish_reason in ("tool_calls", "length")
         for call in choice.message.tool_calls:
