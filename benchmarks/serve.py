@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py [--run runs/demo] [--requests-per-client 2]
     python benchmarks/serve.py --peer vllm [--vllm-venv .venv-vllm] [--rounds 2]
-    python benchmarks/serve.py --features               # what prefix caching buys (on, then off)
+    python benchmarks/serve.py --features               # what prefix caching and the engine process buy
     python benchmarks/serve.py --device cuda            # bf16 on a GPU (the server's --dtype auto)
     python benchmarks/serve.py --smoke --tokenizer T    # tiny and short, on the CPU: the suite runs it
 
@@ -320,44 +320,72 @@ def peer_workloads(rng: random.Random, per_client: int) -> dict[str, tuple[int, 
     return out
 
 
-def run_features(args, export: Path) -> None:
-    """The shared-prefix workload with prefix caching on and off, in turn: the hit ratio the
-    server reports (/metrics) and what it buys in tokens/s and time to first token."""
-    rng = random.Random(1)
-    prefix = [rng.randrange(10, 4000) for _ in range(96)]
-    work = [
-        (prefix + [rng.randrange(10, 4000) for _ in range(16)], 64)
-        for _ in range(16 * args.requests_per_client)
-    ]
-    got: dict[str, list[dict]] = {"on": [], "off": []}
+def compare(args, export: Path, modes: dict[str, tuple[str, ...]], work: dict[str, tuple[int, list]]) -> dict:
+    """Each workload on a server started with each mode's flags, modes in turn within each of
+    `--rounds` rounds: {mode: {workload: median figures}}, with the prefix-cache hit ratio the
+    server reports (/metrics)."""
+    got: dict[str, dict[str, list[dict]]] = {m: {w: [] for w in work} for m in modes}
     for _ in range(args.rounds):
-        for mode in ("on", "off"):
-            extra = () if mode == "on" else ("--no-prefix-caching",)
+        for mode, extra in modes.items():
             proc, url = start_server(export, 64, args.server_threads, args.device, extra)
             try:
                 model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-                res = asyncio.run(load_phase(url, model, list(work), 16))
-                m = re.search(
-                    r"^stratus_prefix_cache_hit_ratio (\S+)$", httpx.get(url + "/metrics").text, re.M
-                )
-                res["hit_ratio"] = float(m.group(1)) if m else float("nan")
-                got[mode].append(res)
+                for name, (c, items) in work.items():
+                    res = asyncio.run(load_phase(url, model, list(items), c))
+                    m = re.search(
+                        r"^stratus_prefix_cache_hit_ratio (\S+)$", httpx.get(url + "/metrics").text, re.M
+                    )
+                    res["hit_ratio"] = float(m.group(1)) if m else float("nan")
+                    got[mode][name].append(res)
             finally:
                 proc.terminate()
                 proc.wait(30)
-    print(f"\nshared 96-token prefix + 16 own tokens, 64 new, concurrency 16, {args.rounds} rounds (median):")
-    med = {m: {k: statistics.median(r[k] for r in got[m]) for k in got[m][0]} for m in got}
+    return {
+        m: {w: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for w, runs in per.items()}
+        for m, per in got.items()
+    }
+
+
+def run_features(args, export: Path) -> None:
+    """What each serving feature buys, on against off on the same workloads: prefix caching
+    on a shared-prefix workload; the engine in its own process against a thread of the server
+    at concurrency 16 and 64."""
+    work = peer_workloads(random.Random(1), args.requests_per_client)
+    shared = {k: v for k, v in work.items() if k.startswith("shared")}
+    name = next(iter(shared))
+    med = compare(args, export, {"on": (), "off": ("--no-prefix-caching",)}, shared)
+    print(f"\n{name}, {args.rounds} rounds (median):")
     for mode in ("on", "off"):
-        r = med[mode]
+        r = med[mode][name]
         print(
             f"  prefix caching {mode:3}: hit ratio {r['hit_ratio']:.2f}, "
             f"{r['output_tps']:.0f} output tokens/s, "
             f"TTFT p50 {r['ttft_ms']:.1f} ms, p99 {r['ttft_p99_ms']:.1f} ms"
         )
+    on, off = med["on"][name], med["off"][name]
     print(
-        f"  on / off: output tokens/s {med['on']['output_tps'] / med['off']['output_tps']:.2f}x, "
-        f"TTFT p50 {med['on']['ttft_ms'] / med['off']['ttft_ms']:.2f}x"
+        f"  on / off: output tokens/s {on['output_tps'] / off['output_tps']:.2f}x, "
+        f"TTFT p50 {on['ttft_ms'] / off['ttft_ms']:.2f}x"
     )
+    loads = {k: v for k, v in work.items() if k in ("concurrency 16", "concurrency 64")}
+    modes = {
+        "thread": ("--engine", "thread"),
+        "process": ("--engine", "process"),
+        # vLLM's CPU layout: the engine on one core, the HTTP process on the other
+        "process, 1 torch thread": ("--engine", "process", "--threads", "1"),
+    }
+    med = compare(args, export, modes, loads)
+    print(f"\nthe engine in its own process against a thread of the server, {args.rounds} rounds (median):")
+    for name in loads:
+        t = med["thread"][name]
+        for mode in modes:
+            r = med[mode][name]
+            print(
+                f"  {name}, {mode:24}: {r['output_tps']:6.0f} output tokens/s "
+                f"({r['output_tps'] / t['output_tps']:.2f}x), TTFT p50 {r['ttft_ms']:6.1f} ms "
+                f"({r['ttft_ms'] / t['ttft_ms']:.2f}x), ITL p50 {r['itl_ms']:5.2f} ms "
+                f"({r['itl_ms'] / t['itl_ms']:.2f}x), p99 {r['itl_p99_ms']:6.2f} ms"
+            )
 
 
 def run_peer(args, export: Path, hf_dir: Path, tmp: Path) -> None:
@@ -438,11 +466,15 @@ def main() -> None:
     p.add_argument("--latency-only", action="store_true", help="keep-alive against fresh connections, only")
     p.add_argument("--peer", choices=("transformers", "vllm"), default="transformers")
     p.add_argument("--vllm-venv", type=Path, default=Path(".venv-vllm"), help="vLLM's own venv")
-    p.add_argument("--rounds", type=int, default=2, help="--peer vllm: rounds of both servers, in turn")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="--peer vllm, --features: rounds of each server, in turn"
+    )
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--device", default="cpu", help="the server's and transformers' device (cpu, cuda)")
     p.add_argument("--smoke", action="store_true", help="a tiny random model, few short requests")
-    p.add_argument("--features", action="store_true", help="prefix caching on against off")
+    p.add_argument(
+        "--features", action="store_true", help="prefix caching on against off; engine process against thread"
+    )
     args = p.parse_args()
     if args.smoke and args.tokenizer is None:
         p.error("--smoke needs --tokenizer (random weights)")

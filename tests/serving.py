@@ -13,10 +13,12 @@ from safetensors.torch import save_file
 
 from stratus.checkpoint.load import EXPORT_FORMAT
 from stratus.config import ModelConfig
+from stratus.inference.core import EngineProcess
 from stratus.inference.engine import EngineConfig
+from stratus.inference.open import open_engine
 from stratus.model import Transformer
 from stratus.serve.app import ServerState
-from stratus.serve.server import ENGINE_DIED, Limits, open_engine, prepare_server
+from stratus.serve.server import ENGINE_DIED, Limits, prepare_server
 
 # Random weights with a wide init: greedy choices are separated by at least ~1e-3 in log
 # probability on the prompts the tests use (checked where it matters), far above the
@@ -55,10 +57,16 @@ class LiveServer:
         api_key: str | None = None,
         limits: Limits | None = None,
         max_body_bytes: int = 4 * 2**20,
+        process: bool = False,
         **engine: int,
     ):
         cfg = EngineConfig(**{"max_batch": 8, "max_queue": 64, "prefill_chunk": 16, **engine})
-        self.engine, self.tokenizer, template, name = open_engine(export, cfg, "cpu")
+        if process:  # the engine in a child process, as `stratus serve --engine process`
+            self.engine = EngineProcess(str(export), cfg, "cpu", start_timeout_s=120)
+            self.tokenizer, template = self.engine.tokenizer, self.engine.source.template()
+            name = self.engine.source.name
+        else:
+            self.engine, self.tokenizer, template, name = open_engine(export, cfg, "cpu")
         self.state = ServerState(
             self.engine, self.tokenizer, name, api_key, template, max_body_bytes=max_body_bytes
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from stratus.checkpoint.load import load_trained
-from stratus.config import ParallelConfig, load_config
+from stratus.config import ParallelConfig, load_config, parse_overrides
 from stratus.distributed.layout import resolve_layout
 from stratus.errors import StratusError
 from tests.conftest import ROOT, TINY_ARGS, metrics
@@ -145,14 +146,23 @@ def test_checkpoint_reshards_between_layouts(reference: Path, tiny_data: Path, t
         torch.testing.assert_close(opt_ours[key], value, rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "args, needle",
-    [
-        (["--parallel.dp_shard=3"], "parallel layout"),
-        (["--parallel.tp=3"], "parallel.dp_replicate x parallel.tp"),
-        (["--parallel.tp=2", "--model.n_kv_heads=1"], "model.n_kv_heads"),
-    ],
-)
+BAD_LAYOUTS = [
+    (["--parallel.dp_shard=3"], "parallel layout"),
+    (["--parallel.tp=3"], "parallel.dp_replicate x parallel.tp"),
+    (["--parallel.tp=2", "--model.n_kv_heads=1"], "model.n_kv_heads"),
+]
+
+
+@pytest.mark.parametrize("args, needle", BAD_LAYOUTS)
+def test_bad_layout_is_refused_by_the_check_every_rank_runs(args, needle, tiny_data: Path):
+    """Each case's message from the layout check every rank runs before it joins a
+    collective; the test below runs it in a real 2-rank job."""
+    cfg = load_config(None, parse_overrides([f"--data.path={tiny_data}", *TINY, *args]))
+    with pytest.raises(StratusError, match=re.escape(needle)):
+        resolve_layout(cfg.parallel, 2, cfg.model)
+
+
+@pytest.mark.parametrize("args, needle", BAD_LAYOUTS[:1])
 def test_bad_layout_fails_fast_on_every_rank(args, needle, tiny_data: Path, tmp_path: Path):
     start = time.monotonic()
     r = torchrun(2, "train", f"--data.path={tiny_data}", f"--run.dir={tmp_path / 'run'}", *TINY, *args)

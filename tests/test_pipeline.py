@@ -6,6 +6,7 @@ every rank."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -13,11 +14,11 @@ import pytest
 import torch
 
 from stratus.checkpoint.load import load_trained
-from stratus.config import ParallelConfig, load_config
+from stratus.config import ParallelConfig, load_config, parse_overrides
 from stratus.distributed.layout import Layout, pipeline_rounds, resolve_layout
 from stratus.distributed.pipeline import rank_stages, split_layers
 from stratus.errors import StratusError
-from stratus.train.setup import torch_version
+from stratus.train.setup import check_job, torch_version
 from tests.conftest import TINY_ARGS, metrics
 from tests.test_parallel import _full_state, assert_fresh_init, torchrun, train_run
 
@@ -137,26 +138,35 @@ def test_checkpoint_reshards_between_pipeline_layouts(references, tiny_data: Pat
         torch.testing.assert_close(opt_ours[key], value, rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "args, needle",
-    [
-        (["--parallel.pp=3"], "does not divide the job's 2 ranks"),
-        (["--parallel.pp=2", "--parallel.pp_schedule=interleaved_1f1b"], "need at least as many layers"),
-        (["--parallel.pp=2", "--model.tie_embeddings=true"], "model.tie_embeddings"),
-        (["--parallel.pp=2", "--train.micro_batch=8"], "needs at least as many micro batches"),
-        (["--parallel.pp=2", "--train.micro_batch=1", "--parallel.pp_microbatches=3"], "must divide the 8"),
-        (
-            [
-                "--parallel.pp=2",
-                "--parallel.pp_schedule=dualpipev",
-                "--model.n_layers=4",
-                "--train.micro_batch=1",
-                "--eval.interval=2",
-            ],
-            "cannot run validation",
-        ),
-    ],
-)
+BAD_LAYOUTS = [
+    (["--parallel.pp=3"], "does not divide the job's 2 ranks"),
+    (["--parallel.pp=2", "--parallel.pp_schedule=interleaved_1f1b"], "need at least as many layers"),
+    (["--parallel.pp=2", "--model.tie_embeddings=true"], "model.tie_embeddings"),
+    (["--parallel.pp=2", "--train.micro_batch=8"], "needs at least as many micro batches"),
+    (["--parallel.pp=2", "--train.micro_batch=1", "--parallel.pp_microbatches=3"], "must divide the 8"),
+    (
+        [
+            "--parallel.pp=2",
+            "--parallel.pp_schedule=dualpipev",
+            "--model.n_layers=4",
+            "--train.micro_batch=1",
+            "--eval.interval=2",
+        ],
+        "cannot run validation",
+    ),
+]
+
+
+@pytest.mark.parametrize("args, needle", BAD_LAYOUTS)
+def test_bad_pipeline_layout_is_refused_by_the_checks_every_rank_runs(args, needle, tiny_data: Path):
+    """The checks each rank runs before it joins a collective or writes a file (the layout's,
+    then the job's), each case's message; the test below runs them in a real 2-rank job."""
+    cfg = load_config(None, parse_overrides([f"--data.path={tiny_data}", *TINY_ARGS, *args]))
+    with pytest.raises(StratusError, match=re.escape(needle)):
+        check_job(cfg, resolve_layout(cfg.parallel, 2, cfg.model))
+
+
+@pytest.mark.parametrize("args, needle", [BAD_LAYOUTS[0], BAD_LAYOUTS[-1]])  # one refusal of each check
 def test_bad_pipeline_layout_fails_fast_on_every_rank(args, needle, tiny_data: Path, tmp_path: Path):
     start = time.monotonic()
     r = torchrun(2, "train", f"--data.path={tiny_data}", f"--run.dir={tmp_path / 'run'}", *TINY_ARGS, *args)

@@ -24,7 +24,7 @@ LLAMA_8B = ["--model.n_layers=4", "--model.vocab_size=128256"]
 
 # four micro batches a round (32 data-parallel ranks); GPipe at eight, where its first rank's
 # upper bound is within 3% (docs/planning.md)
-PIPE = ["--model.n_layers=8", "--parallel.pp=2", "--eval.interval=0", "--train.global_batch=128"]
+PIPE = ["--model.n_layers=4", "--parallel.pp=2", "--eval.interval=0", "--train.global_batch=128"]
 # (config, GPUs, GPU, overrides)
 GRID = {
     "8b-selective (shipped llama3-8b)": ("llama3-8b", 64, H100, []),

@@ -444,7 +444,7 @@ def test_a_request_that_waits_past_the_queue_timeout_gets_503(export, monkeypatc
 def test_serving_dtype_is_bf16_on_a_gpu_and_fp32_on_a_cpu():
     import torch
 
-    from stratus.serve.server import serving_dtype
+    from stratus.inference.open import serving_dtype
 
     assert serving_dtype("auto", "cuda:1") == torch.bfloat16 and serving_dtype("auto", "cpu") == torch.float32
     assert (

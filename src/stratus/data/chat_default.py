@@ -122,11 +122,12 @@ def _functions(paths: list[Path]) -> Iterator[Function]:
             if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
                 continue
             doc = ast.get_docstring(node)
-            source = ast.get_source_segment(text, node)
-            if not doc or len(doc) < MIN_DOC_CHARS or not source or len(source) > MAX_SOURCE_CHARS:
+            if not doc or len(doc) < MIN_DOC_CHARS or node.decorator_list:  # decorated: not a plain function
                 continue
-            if node.decorator_list:
-                continue  # the request names a plain function
+            # the cheap tests first: get_source_segment splits the whole file into lines each call
+            source = ast.get_source_segment(text, node)
+            if not source or len(source) > MAX_SOURCE_CHARS:
+                continue
             yield Function(
                 node.name,
                 f"{node.name}({ast.unparse(node.args)})",

@@ -70,6 +70,91 @@ class EngineConfig:
     prefix_caching: bool = True  # share full blocks of a prompt prefix the pool already holds
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """What a client may ask of an engine, fixed when it starts: the HTTP process validates
+    requests against it, whether the engine runs beside it or in a process of its own
+    (inference/core.py)."""
+
+    context: int  # the model's context, positions
+    vocab_size: int  # token ids in [0, vocab_size) may be fed
+    block_size: int
+    blocks: int  # KV blocks in the pool
+    kv_bytes: int  # the pool's memory
+    slots: int  # sequences running together
+    max_queue: int  # sequences waiting to run
+
+
+@dataclass(frozen=True)
+class Load:
+    """How busy an engine is now (health, metrics, Retry-After)."""
+
+    waiting: int = 0
+    running: int = 0
+    free_blocks: int = 0  # held by no sequence (free or cached)
+    hits: int = 0  # prompt blocks found in the prefix cache
+    lookups: int = 0  # prompt blocks looked up
+    preemptions: int = 0
+    mean_latency: float = 1.0  # seconds from arrival to finish, a moving average
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    def retry_after(self, slots: int) -> int:
+        """Seconds until a place in the queue is likely to free up: the waiting requests
+        drain `slots` at a time, each taking about the recent mean latency."""
+        return max(1, ceil((self.waiting + 1) / slots * self.mean_latency))
+
+
+def check(cap: Capacity, grammars: Grammars, prompt: list[int], params: RequestParams) -> RequestParams:
+    """Validate a request before anything is queued; returns params with max_tokens resolved.
+    Raises ContextOverflow, GrammarError or ValueError (bad token ids): the client's 400."""
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if min(prompt) < 0 or max(prompt) >= cap.vocab_size:
+        raise ValueError(f"prompt token ids must lie in [0, {cap.vocab_size})")
+    if params.grammar is not None:
+        grammars.check(params.grammar)  # GrammarError, a ValueError: the client's 400
+    room = cap.context - len(prompt)
+    if params.max_tokens is None:
+        if room < 1:
+            raise ContextOverflow(
+                f"this model's maximum context length is {cap.context} tokens; the prompt has "
+                f"{len(prompt)} tokens and leaves no room for a completion: shorten it"
+            )
+        return replace(params, max_tokens=room)
+    if params.max_tokens < 1:
+        raise ValueError("max_tokens must be at least 1")
+    if params.max_tokens > room:
+        raise ContextOverflow(
+            f"this model's maximum context length is {cap.context} tokens; you requested "
+            f"{len(prompt) + params.max_tokens} tokens ({len(prompt)} in the prompt, "
+            f"{params.max_tokens} for the completion): reduce the prompt or max_tokens"
+        )
+    need = ceil((len(prompt) + params.max_tokens) / cap.block_size)
+    if need > cap.blocks:
+        raise ContextOverflow(
+            f"this request needs {need} KV blocks of {cap.block_size} positions; the server's "
+            f"pool holds {cap.blocks}: reduce the prompt or max_tokens"
+        )
+    return params
+
+
+def admit(cap: Capacity, outstanding: int, new: int) -> None:
+    """Raise NeverFits or QueueFull unless `new` sequences may join the `outstanding` ones
+    (waiting or running): those that will run at the next step are not really waiting, so
+    the bound is the queue plus the rows."""
+    if new > cap.max_queue + cap.slots:
+        raise NeverFits(
+            f"{new} sequences in one request can never be queued together: this server "
+            f"holds {cap.slots} running and {cap.max_queue} waiting; lower n"
+        )
+    if outstanding + new > cap.max_queue + cap.slots:
+        waiting = max(0, outstanding - cap.slots)
+        raise QueueFull(f"{waiting} requests are waiting; the queue holds {cap.max_queue}")
+
+
 @dataclass
 class Batch:
     """What one step runs, from the schedule to the update: each row's request and how many
@@ -160,6 +245,15 @@ class Engine:
                     f"({per_block / 2**20:.3f} MiB each): raise the budget"
                 )
         self.pool = BlockPool(model.cfg, blocks, bs, self.device, weight.dtype, kv_heads)
+        self.capacity = Capacity(
+            self.context,
+            model.cfg.vocab_size,
+            bs,
+            blocks,
+            self.pool.nbytes,
+            self.config.max_batch,
+            self.config.max_queue,
+        )
         # tensor-parallel serving (inference/tensor_parallel.py): each step's plan goes to the
         # other ranks before the forward, and None when the loop ends
         self.broadcast: Callable[[StepPlan | None], None] | None = None
@@ -209,75 +303,48 @@ class Engine:
     def idle(self) -> bool:
         return not self._waiting and not self._running
 
+    def load(self) -> Load:
+        pool = self.pool
+        return Load(
+            len(self._waiting),
+            len(self._running),
+            pool.available(),
+            pool.hits,
+            pool.lookups,
+            self.preemptions,
+            self._mean_latency,
+        )
+
     def retry_after(self) -> int:
-        """Seconds until a place in the queue is likely to free up: the waiting requests
-        drain `slots` at a time, each taking about the recent mean latency."""
-        rounds = (len(self._waiting) + 1) / self.slots
-        return max(1, ceil(rounds * self._mean_latency))
+        return self.load().retry_after(self.slots)
 
     @cached_property
     def grammars(self) -> Grammars:
         """The tokenizer as the grammar library sees it, built on first use (it walks the vocabulary)."""
-        return Grammars(self.tokenizer.to_str(), self.tokenizer.get_vocab_size(), self.eos)
+        return Grammars.of(self.tokenizer)
 
     # ---- requests --------------------------------------------------------------------
 
     def check(self, prompt: list[int], params: RequestParams) -> RequestParams:
-        """Validate a request before anything is queued; returns params with max_tokens
-        resolved. Raises ContextOverflow (or ValueError for bad token ids)."""
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if min(prompt) < 0 or max(prompt) >= self.model.cfg.vocab_size:
-            raise ValueError(f"prompt token ids must lie in [0, {self.model.cfg.vocab_size})")
-        if params.grammar is not None:
-            self.grammars.check(params.grammar)  # GrammarError, a ValueError: the client's 400
-        room = self.context - len(prompt)
-        if params.max_tokens is None:
-            if room < 1:
-                raise ContextOverflow(
-                    f"this model's maximum context length is {self.context} tokens; the prompt has "
-                    f"{len(prompt)} tokens and leaves no room for a completion: shorten it"
-                )
-            return replace(params, max_tokens=room)
-        if params.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        if params.max_tokens > room:
-            raise ContextOverflow(
-                f"this model's maximum context length is {self.context} tokens; you requested "
-                f"{len(prompt) + params.max_tokens} tokens ({len(prompt)} in the prompt, "
-                f"{params.max_tokens} for the completion): reduce the prompt or max_tokens"
-            )
-        need = ceil((len(prompt) + params.max_tokens) / self.pool.block_size)
-        if need > self.pool.blocks:
-            raise ContextOverflow(
-                f"this request needs {need} KV blocks of {self.pool.block_size} positions; the server's "
-                f"pool holds {self.pool.blocks}: reduce the prompt or max_tokens"
-            )
-        return params
+        return check(self.capacity, self.grammars, prompt, params)
 
     def submit_many(
         self, items: list[tuple[list[int], RequestParams, Callable[[Event], None]]]
     ) -> list[Request]:
         """Queue several requests at once (the `n` choices of one API call): all of them or
-        none. Raises ContextOverflow/ValueError, QueueFull or EngineDead before queuing."""
+        none. Raises ContextOverflow/ValueError, NeverFits, QueueFull or EngineDead before queuing."""
         reqs = [Request(list(prompt), self.check(prompt, params), cb) for prompt, params, cb in items]
-        if len(reqs) > self.config.max_queue + self.slots:
-            raise NeverFits(
-                f"{len(reqs)} sequences in one request can never be queued together: this server "
-                f"holds {self.slots} running and {self.config.max_queue} waiting; lower n"
-            )
+        self.enqueue(reqs)
+        return reqs
+
+    def enqueue(self, reqs: list[Request]) -> None:
+        """Queue checked requests, all or none (NeverFits, QueueFull, EngineDead)."""
         with self._lock:
             if not self.alive:
                 raise EngineDead("the engine is not running")
-            # requests that will run at the next iteration are not really waiting
-            free_rows = max(0, self.slots - len(self._running))
-            if len(self._waiting) + len(reqs) > self.config.max_queue + free_rows:
-                raise QueueFull(
-                    f"{len(self._waiting)} requests are waiting; the queue holds {self.config.max_queue}"
-                )
+            admit(self.capacity, len(self._waiting) + len(self._running), len(reqs))
             self._waiting.extend(reqs)
         self._wake.set()
-        return reqs
 
     def submit(self, prompt: list[int], params: RequestParams, on_event: Callable[[Event], None]) -> Request:
         return self.submit_many([(prompt, params, on_event)])[0]

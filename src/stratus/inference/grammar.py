@@ -23,6 +23,8 @@ import llguidance
 import llguidance.torch as llt
 import torch
 
+from stratus.data.tokenizer import eos_id
+
 # The JSON the model writes: json.dumps's separators and no other whitespace. Free
 # whitespace would let a weak model pad forever; this is the spelling it was trained on.
 JSON_OPTIONS: llguidance.JsonCompileOptions = {
@@ -64,6 +66,11 @@ class Grammars:
     def __init__(self, tokenizer_json: str, vocab: int, eos: int):
         self.vocab = vocab
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab, eos_token=eos)
+
+    @classmethod
+    def of(cls, tokenizer) -> Grammars:
+        """A `tokenizers.Tokenizer`'s grammars (this walks the vocabulary: build it once)."""
+        return cls(tokenizer.to_str(), tokenizer.get_vocab_size(), eos_id(tokenizer))
 
     def check(self, grammar: str) -> None:
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)

@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 from stratus.data.chat_template import ChatTemplate, find_template
 from stratus.data.tokenizer import eos_id
 from stratus.inference import grammar
+from stratus.inference.core import EngineProcess
 from stratus.inference.engine import Engine
 from stratus.inference.prompt import Encoded, encode_prompt
 from stratus.inference.request import (
@@ -51,7 +52,7 @@ MiB = 2**20
 
 @dataclass
 class ServerState:
-    engine: Engine
+    engine: Engine | EngineProcess  # in this process, or in its own (inference/core.py)
     tokenizer: Tokenizer
     model_name: str
     api_key: str | None = None
@@ -80,9 +81,9 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.stratus = state
     ChatRequest, CompletionRequest = request_models(
         Limits(
-            vocab=state.engine.model.cfg.vocab_size,
-            context=state.engine.context,
-            sequences=state.engine.slots + state.engine.config.max_queue,
+            vocab=state.engine.capacity.vocab_size,
+            context=state.engine.capacity.context,
+            sequences=state.engine.capacity.slots + state.engine.capacity.max_queue,
         )
     )
 
@@ -90,7 +91,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def health():
         if not state.engine.alive:
             return JSONResponse(errors.body(503, "the engine is not running", code="engine_dead"), 503)
-        return {"status": "ok", "running": state.engine.running(), "waiting": state.engine.queue_depth()}
+        load = state.engine.load()
+        return {"status": "ok", "running": load.running, "waiting": load.waiting}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from stratus.inference.core import EngineProcess
 from stratus.inference.engine import Engine
 from stratus.inference.request import Event, Request
 
@@ -15,7 +16,7 @@ PATHS = GENERATION | {"/v1/models", "/health", "/metrics"}
 
 
 class Metrics:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine | EngineProcess):
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "stratus_requests", "HTTP requests by path and status code", ["path", "status"], registry=r
@@ -37,20 +38,19 @@ class Metrics:
         # the engine reports every ending, including those of clients that left
         engine.on_finish = lambda req: self.finished.labels(req.finish_reason).inc()
         queue = Gauge("stratus_queue_depth", "requests waiting to run", registry=r)
-        queue.set_function(engine.queue_depth)
+        queue.set_function(lambda: engine.load().waiting)
         running = Gauge("stratus_running_requests", "requests running (holding KV blocks)", registry=r)
-        running.set_function(engine.running)
+        running.set_function(lambda: engine.load().running)
         slots = Gauge("stratus_kv_cache_slots", "sequences that may run at once (rows of a step)", registry=r)
-        slots.set(engine.slots)
-        pool = engine.pool
+        slots.set(engine.capacity.slots)
         blocks = Gauge("stratus_kv_blocks", "KV blocks in the pool", registry=r)
-        blocks.set(pool.blocks)
+        blocks.set(engine.capacity.blocks)
         free = Gauge("stratus_kv_blocks_free", "KV blocks no sequence holds (free or cached)", registry=r)
-        free.set_function(pool.available)
+        free.set_function(lambda: engine.load().free_blocks)
         hits = Gauge("stratus_prefix_cache_hit_ratio", "prompt blocks found in the prefix cache", registry=r)
-        hits.set_function(lambda: pool.hits / pool.lookups if pool.lookups else 0.0)
+        hits.set_function(lambda: engine.load().hit_ratio)
         preempted = Gauge("stratus_preemptions", "requests preempted for KV blocks since start", registry=r)
-        preempted.set_function(lambda: engine.preemptions)
+        preempted.set_function(lambda: engine.load().preemptions)
         alive = Gauge("stratus_engine_alive", "1 while the engine loop runs", registry=r)
         alive.set_function(lambda: float(engine.alive))
         self.ttft = Histogram(

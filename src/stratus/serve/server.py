@@ -17,17 +17,11 @@ import socket
 import threading
 from dataclasses import dataclass
 from http import HTTPStatus
-from pathlib import Path
 
-import torch
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from stratus.checkpoint.load import load_trained
-from stratus.data.chat_template import find_template
-from stratus.data.tokenizer import load_tokenizer
 from stratus.errors import StratusError
-from stratus.inference.engine import Engine, EngineConfig
 from stratus.reliability import EXIT_ENGINE_FAILED
 from stratus.serve import errors
 from stratus.serve.app import ServerState, create_app
@@ -41,37 +35,6 @@ class Limits:
     header_timeout_s: float = 10.0  # from connecting (or the last response) to a whole request head
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 512  # open connections; one more is answered 503 and closed
-
-
-def serving_dtype(dtype: str, device: str) -> torch.dtype:
-    """auto: bf16 on a GPU (what it was trained in, at half fp32's memory and bandwidth),
-    fp32 on a CPU (no fast bf16 matmul on most CPUs)."""
-    if dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return getattr(torch, dtype)
-
-
-def open_engine(
-    path: str | Path, config: EngineConfig, device: str = "auto", dtype: str = "auto", tp: int = 1
-):
-    """(engine, tokenizer, template, name): a run, checkpoint or export, ready to serve; with
-    tp > 1 (under torchrun), this rank's shard of it (inference/tensor_parallel.py)."""
-    mesh = None
-    if tp > 1:
-        from stratus.inference import tensor_parallel
-
-        device, mesh = tensor_parallel.init(tp, device)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    trained = load_trained(path, device)
-    trained.model.to(serving_dtype(dtype, device))
-    if mesh is not None:
-        tensor_parallel.shard(trained.model, mesh)
-    tokenizer = load_tokenizer(trained.tokenizer_path)
-    template = find_template(Path(path), trained.source, trained.run_dir)
-    engine = Engine(trained.model, tokenizer, config)
-    name = (trained.run_dir or trained.source).resolve().name
-    return engine, tokenizer, template, name
 
 
 def bind(host: str, port: int) -> socket.socket:
