@@ -48,7 +48,11 @@ def fake_bin(tmp_path: Path) -> Path:
     the argv and environment it was given, as JSON in $FAKE_OUT."""
     d = tmp_path / "bin"
     d.mkdir()
-    _exe(d / "scontrol", "#!/bin/sh\nprintf 'node-a\\nnode-b\\n'\n")
+    _exe(
+        d / "scontrol",
+        '#!/bin/sh\nif [ "$1" = requeue ]; then echo "$2" > requeued; exit 0; fi\n'
+        "printf 'node-a\\nnode-b\\n'\n",
+    )
     _exe(
         d / "srun",
         '#!/bin/sh\nprintf \'%s\\n\' "$@" > "$FAKE_SRUN"\n'
@@ -59,7 +63,8 @@ def fake_bin(tmp_path: Path) -> Path:
         f"#!{sys.executable}\nimport json, os, sys\n"
         f"names = {ENV_NAMES!r}\n"
         "json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd(), 'env': {n: os.environ.get(n) for n in names}},"
-        " open(os.environ['FAKE_OUT'], 'w'))\n",
+        " open(os.environ['FAKE_OUT'], 'w'))\n"
+        "sys.exit(int(os.environ.get('FAKE_RC', '0')))\n",
     )
     return d
 
@@ -84,6 +89,8 @@ def test_sbatch_script_has_the_job_shape_torchrun_line_and_environment():
         "--time=48:00:00",
         "--partition=gpu",
         "--output=logs/%x-%j.out",
+        "--no-kill",  # a failed node does not end the allocation
+        "--requeue",
     ):
         assert f"#SBATCH {directive}" in lines
     # every #SBATCH line comes before the first command, or Slurm ignores it
@@ -91,12 +98,13 @@ def test_sbatch_script_has_the_job_shape_torchrun_line_and_environment():
     assert max(i for i, ln in enumerate(lines) if ln.startswith("#SBATCH")) < first_command
 
     assert 'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in text
-    assert '--nnodes "$SLURM_NNODES" --nproc-per-node 8' in text
+    assert "--nnodes 4:4 --nproc-per-node 8" in text  # min_nodes 0: no node may be lost
     assert '--rdzv-backend c10d --rdzv-endpoint "$HEAD:29500" --rdzv-id "$SLURM_JOB_ID"' in text
-    assert "--max-restarts 3" in text
+    assert "--rdzv-conf last_call_timeout=60 --max-restarts 3" in text
     assert "srun " in text and "torchrun " in text
     # the config path and the overrides arrive as single words
     assert "-m stratus train 'configs/big model.toml' --train.steps=200 '--run.dir=runs/with space'" in text
+    assert "--kill-on-bad-exit=0" in text and "--kill-on-bad-exit=1" not in text
 
     for name in ENV_NAMES:  # each variable exported once, under a comment saying why
         (i,) = [i for i, ln in enumerate(lines) if ln.startswith(f"export {name}=")]
@@ -135,15 +143,16 @@ def test_sbatch_script_runs_torchrun_with_the_right_argv_and_environment(tmp_pat
     }
     r = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "srun.txt").read_text().splitlines()[:3] == [
+    assert (tmp_path / "srun.txt").read_text().splitlines()[:4] == [
         "--ntasks-per-node=1",
         "--cpus-per-task=64",
-        "--kill-on-bad-exit=1",
+        "--no-kill",
+        "--kill-on-bad-exit=0",  # one node's agent ending does not end the others
     ]
     got = json.loads((tmp_path / "torchrun.json").read_text())
     assert got["argv"] == [
         "--nnodes",
-        "4",
+        "4:4",
         "--nproc-per-node",
         "8",
         "--rdzv-backend",
@@ -152,10 +161,13 @@ def test_sbatch_script_runs_torchrun_with_the_right_argv_and_environment(tmp_pat
         "node-a:29500",  # the first node of the allocation
         "--rdzv-id",
         "4242",
+        "--rdzv-conf",
+        "last_call_timeout=60",
         "--max-restarts",
         "5",
         *_train_argv(NASTY),
     ]
+    assert not (tmp_path / "requeued").exists()  # it succeeded
     dump = f"{tmp_path}/logs/flight-recorder/4242/rank_"
     assert got["env"]["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == dump
     assert got["env"]["TORCH_FR_DUMP_TEMP_FILE"] == dump
@@ -164,6 +176,63 @@ def test_sbatch_script_runs_torchrun_with_the_right_argv_and_environment(tmp_pat
     assert got["env"]["NCCL_IB_HCA"] == "mlx5"
     assert int(got["env"]["TORCH_NCCL_TRACE_BUFFER_SIZE"]) > 0
     assert all(got["env"][n] for n in ENV_NAMES)
+
+
+@needs_bash
+@pytest.mark.parametrize(("restarted", "requeued"), [(0, True), (2, True), (3, False)])
+def test_an_elastic_sbatch_job_goes_on_without_a_node_and_requeues_a_failure(
+    tmp_path, fake_bin, restarted, requeued
+):
+    """Three of four nodes are enough, one spare waits in the rendezvous; a job that fails
+    anyway goes back in the queue, up to --max-restarts times, and says why."""
+    text = render_slurm("configs/x.toml", NODES, GPUS, min_nodes=3, spare_nodes=1, rejoin_timeout_s=45)
+    assert "#SBATCH --nodes=5" in text.splitlines()  # the spare is in the allocation
+    assert "4 node(s) x 8 GPUs and 1 spare(s), going on with as few as 3 node(s)" in text
+    script = tmp_path / "job.sbatch"
+    script.write_text(text)
+    env = {
+        **os.environ,
+        "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "node-[a-e]",
+        "SLURM_NNODES": "5",
+        "SLURM_JOB_ID": "77",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "SLURM_CPUS_PER_TASK": "64",
+        "SLURM_RESTART_COUNT": str(restarted),
+        "FAKE_OUT": str(tmp_path / "torchrun.json"),
+        "FAKE_SRUN": str(tmp_path / "srun.txt"),
+        "FAKE_RC": "1",  # the agents gave up (the first node lost, or the restarts spent)
+    }
+    r = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 1  # the step's failure is the job's exit code
+    argv = json.loads((tmp_path / "torchrun.json").read_text())["argv"]
+    assert argv[:2] == ["--nnodes", "3:4"]  # the spare waits: at most 4 nodes train
+    assert argv[argv.index("--rdzv-conf") + 1] == "last_call_timeout=45"
+    assert ((tmp_path / "requeued").is_file()) is requeued
+    if requeued:
+        assert (tmp_path / "requeued").read_text().strip() == "77"
+        assert "the job failed (exit 1); requeueing it" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("batch", "reliability", "message"),
+    [
+        (64, "min_nodes = 3", "(2 x 24 = 48) on 3 x 8 GPUs (after losing 1 of 4; reliability.min_nodes = 3)"),
+        (64, "min_nodes = 5", "reliability.min_nodes (5) must lie between 1 and the job's 4 nodes"),
+        (192, "min_nodes = 2", None),  # 192 sequences divide over 4, 3 and 2 nodes of 8 ranks of 2
+    ],
+)
+def test_write_launch_checks_every_size_an_elastic_job_may_shrink_to(tmp_path, batch, reliability, message):
+    f = tmp_path / "e.toml"
+    f.write_text(f"[train]\nglobal_batch = {batch}\nmicro_batch = 2\n\n[reliability]\n{reliability}\n")
+    out = tmp_path / "job.sbatch"
+    if message is None:
+        assert "--nnodes 2:4 " in write_launch("slurm", str(f), str(out), nodes=NODES).read_text()
+        return
+    with pytest.raises(StratusError) as e:
+        write_launch("slurm", str(f), str(out), nodes=NODES)
+    assert message in str(e.value)
+    assert not out.exists()
 
 
 # --- Kubernetes --------------------------------------------------------------------------------
@@ -192,8 +261,14 @@ def test_pytorchjob_has_one_master_and_the_other_nodes_as_workers():
         assert volumes["workspace"]["persistentVolumeClaim"]["claimName"] == "team-data"
         assert {v["mountPath"] for v in c["volumeMounts"]} == {"/dev/shm", "/workspace"}
         script = c["command"][2]
-        assert "--nnodes=4 --nproc-per-node=8 --rdzv-backend=c10d" in script
+        assert "--nnodes=4:4 --nproc-per-node=8 --rdzv-backend=c10d" in script
         assert "-m stratus train configs/x.toml" in script
+    assert "elasticPolicy" not in m["spec"]  # no node may be lost: not elastic
+    elastic = k8s_manifest("configs/x.toml", NODES, GPUS, min_nodes=2, rejoin_timeout_s=30)
+    policy = {"rdzvBackend": "c10d", "minReplicas": 2, "maxReplicas": 4, "maxRestarts": 3}
+    assert elastic["spec"]["elasticPolicy"] == policy
+    script = _pods(elastic)["Worker"]["template"]["spec"]["containers"][0]["command"][2]
+    assert "--nnodes=2:4 " in script and "--rdzv-conf=last_call_timeout=30 " in script
     one = k8s_manifest("configs/x.toml", 1, GPUS, ib_resource=None)
     assert "Worker" not in _pods(one)
     assert "rdma/ib" not in _pods(one)["Master"]["template"]["spec"]["containers"][0]["resources"]["limits"]
@@ -242,11 +317,12 @@ def test_pytorchjob_command_runs_torchrun_with_the_right_argv(tmp_path, fake_bin
     assert r.returncode == 0, r.stderr
     got = json.loads((tmp_path / "torchrun.json").read_text())
     assert got["argv"] == [
-        "--nnodes=4",
+        "--nnodes=4:4",
         "--nproc-per-node=8",
         "--rdzv-backend=c10d",
         "--rdzv-endpoint=stratus-master-0:29500",
         "--rdzv-id=stratus",
+        "--rdzv-conf=last_call_timeout=60",
         "--max-restarts=3",
         *_train_argv(NASTY),
     ]

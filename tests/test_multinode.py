@@ -152,6 +152,59 @@ def _tail(path: Path, n: int = 4000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else "(no output)"
 
 
+def _start_agent(node: Node, host: Node, agent: list[str], train: list[str], out: Path) -> subprocess.Popen:
+    """A node's torchrun agent with one worker, meeting the others through a c10d rendezvous
+    whose store node `host` holds; its output goes to `out`."""
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *agent,
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={host.addr}:{PORT}",
+        f"--rdzv-id=stratus-multinode-{os.getpid()}",
+        # the endpoint is not the machine's hostname, so say which node hosts the store; a node
+        # silent for 3 heartbeats of 1 s is gone (torch's default, 3 of 5 s, slows the test)
+        f"--rdzv-conf=is_host={int(node == host)},join_timeout={TIMEOUT_S - 30},last_call_timeout=2,"
+        "keep_alive_interval=1,keep_alive_max_attempt=3",
+        f"--local-addr={node.addr}",  # the address the other node reaches this one at
+        "-m",
+        "stratus",
+        "train",
+        *train,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": node.ifname,
+        # as `stratus launch` sets it: a fresh store each round, hosted by rank 0
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    }
+    with out.open("w") as f:
+        return subprocess.Popen(
+            ["ip", "netns", "exec", node.netns, *torchrun],
+            cwd=ROOT,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Whatever is still running (a failure or a timeout): stop it, workers included."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=15)
+
+
 def test_two_nodes_over_veth_match_one_process(two_nodes, tiny_data: Path, tmp_path: Path):
     """Each namespace is a node running its own torchrun agent with one worker; they meet
     through a c10d rendezvous on node 0's veth address, form a world of two, and gloo averages
@@ -171,45 +224,10 @@ def test_two_nodes_over_veth_match_one_process(two_nodes, tiny_data: Path, tmp_p
     outs = [tmp_path / f"node{i}.out" for i in range(2)]
     try:
         for rank, (node, out) in enumerate(zip(two_nodes, outs, strict=True)):
-            torchrun = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                "--nproc-per-node=1",
-                f"--node-rank={rank}",
-                "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={two_nodes[0].addr}:{PORT}",
-                f"--rdzv-id=stratus-multinode-{os.getpid()}",
-                # the endpoint is not the machine's hostname, so say which node hosts the store
-                f"--rdzv-conf=is_host={int(rank == 0)},join_timeout={TIMEOUT_S - 30}",
-                f"--local-addr={node.addr}",  # the address the other node reaches this one at
-                "--max-restarts=0",
-                "-m",
-                "stratus",
-                "train",
-                str(config),
-                f"--run.dir={run}",
-                "--train.micro_batch=4",
-            ]
-            env = {
-                **os.environ,
-                "OMP_NUM_THREADS": "1",
-                "GLOO_SOCKET_IFNAME": node.ifname,
-                # as `stratus launch` sets it: a fresh store each round, hosted by rank 0
-                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-            }
-            with out.open("w") as f:
-                procs.append(
-                    subprocess.Popen(
-                        ["ip", "netns", "exec", node.netns, *torchrun],
-                        cwd=ROOT,
-                        env=env,
-                        stdout=f,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
+            # static membership: node ranks follow the nodes
+            agent = ["--nnodes=2", f"--node-rank={rank}", "--max-restarts=0"]
+            train = [str(config), f"--run.dir={run}", "--train.micro_batch=4"]
+            procs.append(_start_agent(node, two_nodes[0], agent, train, out))
         deadline = time.monotonic() + TIMEOUT_S
         codes: list[int | None] = []
         for p in procs:
@@ -218,15 +236,7 @@ def test_two_nodes_over_veth_match_one_process(two_nodes, tiny_data: Path, tmp_p
             except subprocess.TimeoutExpired:
                 codes.append(None)  # killed below; reported with the nodes' output
     finally:
-        for p in procs:
-            if p.poll() is None:  # a failure or a timeout: stop both nodes, workers included
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=15)
+        _stop(procs)
 
     logs = "\n".join(f"--- node {i} ---\n{_tail(out)}" for i, out in enumerate(outs))
     assert codes == [0, 0], logs
@@ -251,3 +261,63 @@ def test_two_nodes_over_veth_match_one_process(two_nodes, tiny_data: Path, tmp_p
     for ra, rb in zip(ref, got, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
+
+
+def _last_per_step(run: Path) -> dict[int, dict]:
+    """Each step's record as it finally stands (a step computed again after a restart is
+    logged again)."""
+    return {m["step"]: m for m in metrics(run) if "loss" in m}
+
+
+def test_a_lost_node_leaves_the_job_to_the_other(two_nodes, tiny_data: Path, tmp_path: Path):
+    """`torchrun --nnodes 1:2` on both nodes (reliability.min_nodes = 1, as `stratus launch`
+    writes it): node 1 is killed whole, agent and worker, mid-run. Node 0's rank finds its
+    peer gone, its agent meets the rendezvous again with the one node left, and the job
+    resumes from its newest checkpoint on one rank, accumulating twice as many micro batches
+    so that the global batch is the same. The losses follow one process reading the whole
+    batch from the first step to the last."""
+    steps = 32
+    config = tmp_path / "tiny.toml"
+    config.write_text(CONFIG.format(data=tiny_data).replace("steps = 3", f"steps = {steps}"))
+    common = [f"--train.steps={steps}", "--checkpoint.interval=4"]
+    one = run_cli(
+        "train",
+        str(config),
+        f"--run.dir={tmp_path / 'one'}",
+        "--train.micro_batch=8",
+        *common,
+        timeout=TIMEOUT_S,
+    )
+    assert one.returncode == 0, one.stderr[-3000:] + one.stdout[-3000:]
+
+    run = tmp_path / "elastic"
+    outs = [tmp_path / f"node{i}.out" for i in range(2)]
+    train = [str(config), f"--run.dir={run}", "--train.micro_batch=4", *common]
+    procs: list[subprocess.Popen] = []
+    try:
+        for node, out in zip(two_nodes, outs, strict=True):
+            procs.append(_start_agent(node, two_nodes[0], ["--nnodes=1:2", "--max-restarts=2"], train, out))
+        deadline = time.monotonic() + TIMEOUT_S
+        # the first checkpoint is in: node 1 dies with the job under way
+        while not (run / "checkpoints" / "step-00000004").is_dir():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), _tail(outs[0])
+            time.sleep(0.05)
+        _kill_everything_in(two_nodes[1].netns)
+        killed_at = max(_last_per_step(run), default=0)
+        code = procs[0].wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        _stop(procs)
+    logs = "\n".join(f"--- node {i} ---\n{_tail(out)}" for i, out in enumerate(outs))
+    assert code == 0, logs
+    assert killed_at < steps, "the job ended before node 1 was lost: nothing was tested"
+
+    log = (run / "train.log").read_text()
+    assert re.search(r"\b2 ranks\b.*= 8 sequences", log), _tail(run / "train.log")
+    # after the loss: one rank, the same 8 sequences a step (4 a micro batch, accumulated twice)
+    assert re.search(
+        r"\b1 ranks \(.*\| 1 data-parallel x 4 micro batch x 2 accumulation = 8 sequences", log
+    ), _tail(run / "train.log")
+    ref, got = _last_per_step(tmp_path / "one"), _last_per_step(run)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step, r in ref.items():
+        assert got[step]["loss"] == pytest.approx(r["loss"], rel=1e-4), step

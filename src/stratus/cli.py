@@ -219,7 +219,7 @@ def cmd_launch(args, overrides):
         "socket_ifname": args.socket_ifname,
     }
     if args.kind == "slurm":
-        extra.update(partition=args.partition, time_limit=args.time)
+        extra.update(partition=args.partition, time_limit=args.time, spare_nodes=args.spare_nodes)
     else:
         extra.update(image=args.image, namespace=args.namespace)
     path = write_launch(
@@ -466,7 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="output file (default launch/JOB.sbatch or launch/JOB.yaml)")
     sp.add_argument("--force", action="store_true", help="replace --out if it exists")
     sp.add_argument(
-        "--max-restarts", type=int, default=3, help="torchrun restarts of failed workers (default 3)"
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="torchrun restarts of failed workers, and Slurm requeues of a failed job (default 3)",
     )
     sp.add_argument("--cpus-per-node", type=int, help="CPU cores per node (default 8 per GPU)")
     sp.add_argument("--ib-hca", default="mlx5", help="NCCL_IB_HCA: InfiniBand adapters to use (default mlx5)")
@@ -476,6 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="NCCL_SOCKET_IFNAME: interfaces for bootstrap traffic (default ^lo,docker)",
     )
     sp.add_argument("--partition", help="slurm: partition")
+    sp.add_argument(
+        "--spare-nodes",
+        type=int,
+        default=0,
+        help="slurm: extra nodes in the allocation that wait in the rendezvous and replace a lost one",
+    )
     sp.add_argument("--time", default="48:00:00", help="slurm: time limit (default 48:00:00)")
     sp.add_argument("--image", default="stratus:latest", help="k8s: container image with stratus installed")
     sp.add_argument("--namespace", default="default", help="k8s: namespace")

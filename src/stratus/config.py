@@ -288,6 +288,16 @@ class ReliabilityConfig(Section):
         ge=0,
         description="`stratus train` restarts a failed run this many times (torchrun --max-restarts does the same for many ranks)",
     )
+    min_nodes: int = Field(
+        0,
+        ge=0,
+        description="when a node is lost, go on with as few as this many (torchrun --nnodes MIN:N, written by `stratus launch`; the global batch stays, accumulation absorbs the lost ranks); 0 = the job's nodes, none lost",
+    )
+    rejoin_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="after a node is lost, seconds the others wait for a spare (or the lost node, back) before going on without it (the rendezvous's last call)",
+    )
     crash_loop: int = Field(
         3, ge=2, description="stop, with a diagnosis, after this many failures in a row at the same step"
     )

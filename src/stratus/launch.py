@@ -84,6 +84,25 @@ def _check_shape(nodes: int, gpus_per_node: int) -> None:
         raise StratusError(f"--gpus-per-node must be between 1 and 16 (got {gpus_per_node!r})")
 
 
+def _check_elastic(nodes: int, min_nodes: int | None, rejoin_timeout_s: float) -> int:
+    """The fewest nodes the job goes on with (min_nodes None or 0: all of them)."""
+    low = min_nodes or nodes
+    if not 1 <= low <= nodes:
+        raise StratusError(
+            f"reliability.min_nodes ({min_nodes}) must lie between 1 and the job's {nodes} nodes "
+            "(0 = all of them): the job cannot grow past the nodes it asks for"
+        )
+    if not rejoin_timeout_s > 0:
+        raise StratusError(f"reliability.rejoin_timeout_s must be positive (got {rejoin_timeout_s})")
+    return low
+
+
+def _rdzv_conf(rejoin_timeout_s: float) -> str:
+    # once the fewest nodes have joined a round, how long it stays open for more (a spare, or a
+    # lost node back); a round closes at once when all the job's nodes are in
+    return f"last_call_timeout={rejoin_timeout_s:g}"
+
+
 def _check_name(what: str, value: str, pattern: str, hint: str) -> None:
     if not isinstance(value, str) or not re.fullmatch(pattern, value):
         raise StratusError(f"{what} {value!r} is not allowed: {hint}")
@@ -110,11 +129,23 @@ def render_slurm(
     rdzv_port: int = 29500,
     cpus_per_node: int | None = None,
     log_dir: str = "logs",
+    min_nodes: int | None = None,
+    spare_nodes: int = 0,
+    rejoin_timeout_s: float = 60.0,
 ) -> str:
     """An sbatch script: one `srun torchrun` agent per node, G ranks each, rendezvous on the
     first node. cpus_per_node (default 8 per GPU) becomes --cpus-per-task; log_dir (relative to
-    the submit directory, which Slurm does not create) holds the job log and flight-recorder dumps."""
+    the submit directory, which Slurm does not create) holds the job log and flight-recorder dumps.
+
+    Node loss: the allocation and the step outlive a failed node (--no-kill, no kill on one
+    task's exit); torchrun goes on with as few as min_nodes, or takes one of spare_nodes extra
+    nodes, which wait in the rendezvous until one is needed; a job that ends in failure anyway
+    (the first node, which holds the rendezvous, lost; or the restarts spent) is requeued up
+    to max_restarts times, and resumes from its newest verified checkpoint."""
     _check_shape(nodes, gpus_per_node)
+    low = _check_elastic(nodes, min_nodes, rejoin_timeout_s)
+    if not isinstance(spare_nodes, int) or spare_nodes < 0:
+        raise StratusError(f"--spare-nodes must be 0 or more (got {spare_nodes!r})")
     _check_name("job name", job_name, r"[A-Za-z0-9][A-Za-z0-9._-]*", "use letters, digits, '.', '_', '-'")
     _check_name("log directory", log_dir, r"[A-Za-z0-9._/-]+", "use letters, digits, '.', '_', '-', '/'")
     _check_name("time limit", time_limit, r"[0-9][0-9:-]*|UNLIMITED|infinite", "e.g. 48:00:00 or 2-00:00:00")
@@ -129,19 +160,25 @@ def render_slurm(
     env = nccl_env(ib_hca, socket_ifname, max(1, cpus // gpus_per_node), dump_prefix)
 
     shape = f"{nodes} node(s) x {gpus_per_node} GPUs"
+    if spare_nodes:
+        shape += f" and {spare_nodes} spare(s)"
+    if low < nodes:
+        shape += f", going on with as few as {low} node(s)"
     lines = [
         "#!/bin/bash",
         f"# Written by `stratus launch slurm`: {shape}, config {json.dumps(config)}.",
         "# Submit from the repository root (config, data and run paths are relative to it):",
         f"#   sbatch <this file>      log: {log_dir}/{job_name}-<jobid>.out",
         f"#SBATCH --job-name={job_name}",
-        f"#SBATCH --nodes={nodes}",
+        f"#SBATCH --nodes={nodes + spare_nodes}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --gpus-per-node={gpus_per_node}",
         f"#SBATCH --cpus-per-task={cpus}",
         "#SBATCH --exclusive",
         f"#SBATCH --time={time_limit}",
         f"#SBATCH --output={log_dir}/%x-%j.out",
+        "#SBATCH --no-kill",
+        "#SBATCH --requeue",
     ]
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
@@ -156,13 +193,25 @@ def render_slurm(
         'mkdir -p "$(dirname "$TORCH_NCCL_DEBUG_INFO_TEMP_FILE")"',
         "",
         "# One torchrun agent per node starts the node's ranks; it restarts all of them (each",
-        "# run resumes from the newest verified checkpoint) up to --max-restarts times.",
+        "# run resumes from the newest verified checkpoint) up to --max-restarts times. A lost node:",
+        "# the allocation stays (--no-kill), the step goes on (no kill on one task's exit), and the",
+        f"# agents meet again with at least {low} node(s) (--nnodes MIN:MAX), waiting",
+        f"# {rejoin_timeout_s:g} s for more; nodes past {nodes} wait in the rendezvous as spares.",
         "# srun passes --cpus-per-task itself: some Slurm versions do not hand it down to the step.",
-        'srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 \\',
-        f'  torchrun --nnodes "$SLURM_NNODES" --nproc-per-node {gpus_per_node} \\',
+        "rc=0",
+        'srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --no-kill --kill-on-bad-exit=0 \\',
+        f"  torchrun --nnodes {low}:{nodes} --nproc-per-node {gpus_per_node} \\",
         f'  --rdzv-backend c10d --rdzv-endpoint "$HEAD:{rdzv_port}" --rdzv-id "$SLURM_JOB_ID" \\',
-        f"  --max-restarts {max_restarts} \\",
-        "  " + " ".join(shlex.quote(a) for a in _train_args(config, overrides)),
+        f"  --rdzv-conf {_rdzv_conf(rejoin_timeout_s)} --max-restarts {max_restarts} \\",
+        "  " + " ".join(shlex.quote(a) for a in _train_args(config, overrides)) + " || rc=$?",
+        "",
+        "# Failed anyway (the first node, which holds the rendezvous, was lost, or the restarts ran",
+        "# out): back in the queue, on whatever nodes Slurm gives, resuming from the newest checkpoint.",
+        f'if [ "$rc" -ne 0 ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_restarts} ]; then',
+        '  echo "stratus: the job failed (exit $rc); requeueing it" >&2',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        'exit "$rc"',
         "",
     ]
     return "\n".join(lines)
@@ -187,11 +236,17 @@ def k8s_manifest(
     cpus_per_node: int | None = None,
     pvc: str = "stratus-workspace",
     workdir: str = "/workspace",
+    min_nodes: int | None = None,
+    rejoin_timeout_s: float = 60.0,
 ) -> dict[str, Any]:
     """The PyTorchJob as a plain dict: Master (1 pod, hosts the rendezvous) + nodes-1 Workers,
     one pod per node with all its GPUs; the PVC `pvc` is mounted at `workdir`, the working
-    directory, so configs/, data/, runs/ and logs/ live on shared storage."""
+    directory, so configs/, data/, runs/ and logs/ live on shared storage. A failed pod is
+    restarted (OnFailure), on another node if its own is gone; with min_nodes below nodes
+    the job is elastic (torchrun --nnodes MIN:MAX and the operator's elasticPolicy), so the
+    others go on while it comes back."""
     _check_shape(nodes, gpus_per_node)
+    low = _check_elastic(nodes, min_nodes, rejoin_timeout_s)
     k8s_name = r"[a-z]([-a-z0-9]{0,40}[a-z0-9])?"
     _check_name("job name", job_name, k8s_name, "Kubernetes wants lowercase letters, digits, '-'")
     _check_name("namespace", namespace, r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", "a Kubernetes namespace")
@@ -203,12 +258,13 @@ def k8s_manifest(
     env = nccl_env(ib_hca, socket_ifname, max(1, cpus // gpus_per_node), dump_prefix)
     torchrun = [
         "torchrun",
-        f"--nnodes={nodes}",
+        f"--nnodes={low}:{nodes}",
         f"--nproc-per-node={gpus_per_node}",
         "--rdzv-backend=c10d",
         # the operator sets MASTER_ADDR (the Master pod's service) and MASTER_PORT (our port)
         '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"',
         f"--rdzv-id={job_name}",
+        f"--rdzv-conf={_rdzv_conf(rejoin_timeout_s)}",
         f"--max-restarts={max_restarts}",
         *(shlex.quote(a) for a in _train_args(config, overrides)),
     ]
@@ -254,6 +310,13 @@ def k8s_manifest(
             "pytorchReplicaSpecs": replicas,
         },
     }
+    if low < nodes:
+        manifest["spec"]["elasticPolicy"] = {
+            "rdzvBackend": "c10d",
+            "minReplicas": low,
+            "maxReplicas": nodes,
+            "maxRestarts": max_restarts,
+        }
     return json.loads(json.dumps(manifest))  # plain data only, and a fresh copy of the shared pod
 
 
@@ -368,14 +431,22 @@ def write_launch(
         raise StratusError(f"config file {config} not found: give a TOML file such as configs/demo.toml")
     overrides = list(overrides)
     cfg = load_config(config, parse_overrides(overrides))
-    world = nodes * gpus_per_node
-    dp = _check_layout(cfg, world, gpus_per_node)
-    tc = cfg.train
-    if tc.global_batch and tc.global_batch % (tc.micro_batch * dp):
-        raise StratusError(
-            f"train.global_batch ({tc.global_batch}) must be a multiple of train.micro_batch x data-parallel "
-            f"ranks ({tc.micro_batch} x {dp} = {tc.micro_batch * dp}) on {nodes} x {gpus_per_node} GPUs"
-        )
+    rc = cfg.reliability
+    low = _check_elastic(nodes, rc.min_nodes, rc.rejoin_timeout_s)
+    for n in range(nodes, low - 1, -1):  # every size the job may shrink to must train the same batch
+        lost = "" if n == nodes else f" (after losing {nodes - n} of {nodes}; reliability.min_nodes = {low})"
+        try:
+            dp = _check_layout(cfg, n * gpus_per_node, gpus_per_node)
+        except StratusError as e:
+            raise StratusError(f"on {n} nodes{lost}: {e}") from None
+        tc = cfg.train
+        if tc.global_batch and tc.global_batch % (tc.micro_batch * dp):
+            raise StratusError(
+                f"train.global_batch ({tc.global_batch}) must be a multiple of train.micro_batch x "
+                f"data-parallel ranks ({tc.micro_batch} x {dp} = {tc.micro_batch * dp}) on {n} x "
+                f"{gpus_per_node} GPUs{lost}"
+            )
+    kw = {**kw, "min_nodes": low, "rejoin_timeout_s": rc.rejoin_timeout_s}
     render = render_slurm if kind == "slurm" else k8s_manifest
     unknown = sorted(set(kw) - set(inspect.signature(render).parameters))
     if unknown:
