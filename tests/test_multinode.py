@@ -269,55 +269,94 @@ def _last_per_step(run: Path) -> dict[int, dict]:
     return {m["step"]: m for m in metrics(run) if "loss" in m}
 
 
-def test_a_lost_node_leaves_the_job_to_the_other(two_nodes, tiny_data: Path, tmp_path: Path):
+ELASTIC_STEPS = 32
+ALONE = r"\b1 ranks \(.*\| 1 data-parallel x 4 micro batch x 2 accumulation = 8 sequences"
+BOTH = r"\b2 ranks \(.*\| 2 data-parallel x 4 micro batch x 1 accumulation = 8 sequences"
+
+
+@pytest.fixture(scope="module")
+def elastic(tiny_data: Path, tmp_path_factory) -> tuple[list[str], Path]:
+    """The elastic jobs' `stratus train` arguments (4 sequences a rank a micro batch, 8 a
+    step, a checkpoint every 4 steps), and one process's run of the same steps reading all 8
+    sequences at once, which both must follow."""
+    base = tmp_path_factory.mktemp("elastic")
+    config = base / "tiny.toml"
+    config.write_text(CONFIG.format(data=tiny_data).replace("steps = 3", f"steps = {ELASTIC_STEPS}"))
+    common = [str(config), "--checkpoint.interval=4"]
+    one = run_cli("train", *common, f"--run.dir={base / 'one'}", "--train.micro_batch=8", timeout=TIMEOUT_S)
+    assert one.returncode == 0, one.stderr[-3000:] + one.stdout[-3000:]
+    return [*common, "--train.micro_batch=4"], base / "one"
+
+
+def _wait_for_checkpoint(
+    run: Path, step: int, procs: list[subprocess.Popen], out: Path, deadline: float
+) -> int:
+    """Once checkpoint `step` is in, with the job under way: the newest step logged."""
+    while not (run / "checkpoints" / f"step-{step:08d}").is_dir():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), _tail(out)
+        time.sleep(0.05)
+    return max(_last_per_step(run), default=0)
+
+
+def _follows(run: Path, reference: Path) -> None:
+    ref, got = _last_per_step(reference), _last_per_step(run)
+    assert sorted(got) == list(range(1, ELASTIC_STEPS + 1))
+    for step, r in ref.items():
+        assert got[step]["loss"] == pytest.approx(r["loss"], rel=1e-4), step
+
+
+def test_a_lost_node_leaves_the_job_to_the_other(two_nodes, elastic, tmp_path: Path):
     """`torchrun --nnodes 1:2` on both nodes (reliability.min_nodes = 1, as `stratus launch`
     writes it): node 1 is killed whole, agent and worker, mid-run. Node 0's rank finds its
     peer gone, its agent meets the rendezvous again with the one node left, and the job
     resumes from its newest checkpoint on one rank, accumulating twice as many micro batches
     so that the global batch is the same. The losses follow one process reading the whole
     batch from the first step to the last."""
-    steps = 32
-    config = tmp_path / "tiny.toml"
-    config.write_text(CONFIG.format(data=tiny_data).replace("steps = 3", f"steps = {steps}"))
-    common = [f"--train.steps={steps}", "--checkpoint.interval=4"]
-    one = run_cli(
-        "train",
-        str(config),
-        f"--run.dir={tmp_path / 'one'}",
-        "--train.micro_batch=8",
-        *common,
-        timeout=TIMEOUT_S,
-    )
-    assert one.returncode == 0, one.stderr[-3000:] + one.stdout[-3000:]
-
+    train, reference = elastic
     run = tmp_path / "elastic"
     outs = [tmp_path / f"node{i}.out" for i in range(2)]
-    train = [str(config), f"--run.dir={run}", "--train.micro_batch=4", *common]
     procs: list[subprocess.Popen] = []
     try:
         for node, out in zip(two_nodes, outs, strict=True):
-            procs.append(_start_agent(node, two_nodes[0], ["--nnodes=1:2", "--max-restarts=2"], train, out))
+            agent = ["--nnodes=1:2", "--max-restarts=2"]
+            procs.append(_start_agent(node, two_nodes[0], agent, [*train, f"--run.dir={run}"], out))
         deadline = time.monotonic() + TIMEOUT_S
-        # the first checkpoint is in: node 1 dies with the job under way
-        while not (run / "checkpoints" / "step-00000004").is_dir():
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), _tail(outs[0])
-            time.sleep(0.05)
+        killed_at = _wait_for_checkpoint(run, 4, procs, outs[0], deadline)
         _kill_everything_in(two_nodes[1].netns)
-        killed_at = max(_last_per_step(run), default=0)
         code = procs[0].wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         _stop(procs)
     logs = "\n".join(f"--- node {i} ---\n{_tail(out)}" for i, out in enumerate(outs))
     assert code == 0, logs
-    assert killed_at < steps, "the job ended before node 1 was lost: nothing was tested"
-
+    assert killed_at < ELASTIC_STEPS, "the job ended before node 1 was lost: nothing was tested"
     log = (run / "train.log").read_text()
-    assert re.search(r"\b2 ranks\b.*= 8 sequences", log), _tail(run / "train.log")
-    # after the loss: one rank, the same 8 sequences a step (4 a micro batch, accumulated twice)
-    assert re.search(
-        r"\b1 ranks \(.*\| 1 data-parallel x 4 micro batch x 2 accumulation = 8 sequences", log
-    ), _tail(run / "train.log")
-    ref, got = _last_per_step(tmp_path / "one"), _last_per_step(run)
-    assert sorted(got) == list(range(1, steps + 1))
-    for step, r in ref.items():
-        assert got[step]["loss"] == pytest.approx(r["loss"], rel=1e-4), step
+    assert re.search(BOTH, log) and re.search(ALONE, log), _tail(run / "train.log")
+    assert log.index("1 ranks (") > log.index("2 ranks (")  # it shrank, in that order
+    _follows(run, reference)
+
+
+def test_a_node_that_joins_late_grows_the_job(two_nodes, elastic, tmp_path: Path):
+    """A spare, or a lost node back: node 0 starts alone under `--nnodes 1:2` and trains on
+    one rank; node 1's agent joins after the first checkpoint, node 0's agent sees it waiting
+    and restarts the group, and the job goes on with two ranks, each one micro batch a step.
+    The losses follow one process reading the whole batch."""
+    train, reference = elastic
+    run = tmp_path / "elastic"
+    outs = [tmp_path / f"node{i}.out" for i in range(2)]
+    agent, train = ["--nnodes=1:2", "--max-restarts=2"], [*train, f"--run.dir={run}"]
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(_start_agent(two_nodes[0], two_nodes[0], agent, train, outs[0]))
+        deadline = time.monotonic() + TIMEOUT_S
+        joined_at = _wait_for_checkpoint(run, 4, procs, outs[0], deadline)
+        procs.append(_start_agent(two_nodes[1], two_nodes[0], agent, train, outs[1]))
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    finally:
+        _stop(procs)
+    logs = "\n".join(f"--- node {i} ---\n{_tail(out)}" for i, out in enumerate(outs))
+    assert codes == [0, 0], logs
+    assert joined_at < ELASTIC_STEPS, "the job ended before node 1 joined: nothing was tested"
+    log = (run / "train.log").read_text()
+    assert re.search(ALONE, log) and re.search(BOTH, log), _tail(run / "train.log")
+    assert log.index("2 ranks (") > log.index("1 ranks (")  # it grew, in that order
+    _follows(run, reference)
