@@ -151,8 +151,10 @@ def admit(cap: Capacity, outstanding: int, new: int) -> None:
             f"holds {cap.slots} running and {cap.max_queue} waiting; lower n"
         )
     if outstanding + new > cap.max_queue + cap.slots:
-        waiting = max(0, outstanding - cap.slots)
-        raise QueueFull(f"{waiting} requests are waiting; the queue holds {cap.max_queue}")
+        raise QueueFull(
+            f"{outstanding} sequences are running or waiting; the server holds {cap.slots} running "
+            f"and {cap.max_queue} waiting"
+        )
 
 
 @dataclass
