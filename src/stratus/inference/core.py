@@ -146,7 +146,6 @@ class EngineProcess:
         # exit handler, which terminates and joins daemonic children, would wait for ever on
         # a core nobody stopped (an error before the server started): this runs first.
         self._shutdown = mp_util.Finalize(self, _shutdown, args=(self._conn, self._proc), exitpriority=100)
-        self.config = config
         msg = self._wait_ready(start_timeout_s)
         if msg[0] == "failed":
             self._shutdown()
@@ -154,8 +153,6 @@ class EngineProcess:
         self.capacity: Capacity = msg[1]
         self.source: Source = msg[2]
         self.tokenizer = self.source.tokenizer()
-        self.context = self.capacity.context
-        self.slots = self.capacity.slots
         self.error: str | None = None
         self.on_finish: Callable[[Request], None] | None = None
         self._requests: dict[int, Request] = {}
@@ -240,7 +237,7 @@ class EngineProcess:
         return not self._requests
 
     def retry_after(self) -> int:
-        return self._load.retry_after(self.slots)
+        return self._load.retry_after(self.capacity.slots)
 
     def _send(self, msg: tuple) -> None:
         with self._lock:

@@ -69,7 +69,7 @@ class ServerState:
         # a margin for normalizers that merge characters, can never fit: it is refused
         # without being tokenized, which bounds the tokenizer's work per request.
         longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
-        self.max_prompt_chars = 4 * self.engine.context * longest
+        self.max_prompt_chars = 4 * self.engine.capacity.context * longest
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -271,7 +271,7 @@ def _check_length(state: ServerState, chars: int, param: str) -> None:
     if chars > state.max_prompt_chars:
         raise APIError(
             400,
-            f"this model's maximum context length is {state.engine.context} tokens, and {chars} "
+            f"this model's maximum context length is {state.engine.capacity.context} tokens, and {chars} "
             "characters of text cannot fit in it: shorten the input",
             param,
             "context_length_exceeded",
