@@ -118,6 +118,10 @@ def test_fixed_layout_restricts_the_search():
             "= 3, but the cluster has 8 GPUs",
         ),
         (["--model", "x.toml", "--cluster", "dgx-h100", "--nodes", "1"], "model config x.toml not found"),
+        (
+            ["--model", "llama3-8b", "--cluster", "dgx-h100", "--nodes", "1", "--local-gbps", "0"],
+            "--local-gbps",
+        ),
     ],
 )
 def test_user_mistakes_are_one_line_errors(args, message):

@@ -56,6 +56,22 @@ def test_emit_config_then_dryrun_then_launch(tmp_path: Path):
     assert "#SBATCH --nodes=1" in out.read_text() and str(cfg_file) in out.read_text()
 
 
+def test_emit_config_with_a_local_tier_sets_both_intervals(tmp_path: Path):
+    cfg_file = tmp_path / "two.toml"
+    args = (*SMALL, "--pp", "1", "--local-gbps", "400")  # /dev/shm: faster than the shared store
+    r = run_cli("plan", *args, "--emit-config", str(cfg_file), cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(run_cli("plan", *args, "--json", cwd=ROOT).stdout)
+    step_s = obj["best"]["step_time_s"]
+    tree = tomllib.loads(cfg_file.read_text())["checkpoint"]
+    assert tree["local_interval"] == pytest.approx(
+        obj["local_checkpoint_interval_min"] * 60 / step_s, rel=2e-3
+    )
+    assert tree["local_interval"] < tree["interval"]
+    assert "set checkpoint.local_dir" in cfg_file.read_text()
+    assert load_config(cfg_file).checkpoint.local_interval == tree["local_interval"]
+
+
 def test_emit_config_of_a_pipeline_layout_is_one_stratus_trains(tmp_path: Path):
     cfg_file = tmp_path / "pp.toml"
     r = run_cli("plan", *SMALL, "--pp", "2", "--interleave", "2", "--emit-config", str(cfg_file), cwd=ROOT)

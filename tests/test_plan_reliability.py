@@ -39,6 +39,26 @@ def test_ettr_falls_with_cluster_size_and_marks_where_runs_stop_being_viable():
     assert R.ettr(3600, 0, 0, 1e12) == pytest.approx(1.0)
 
 
+def test_a_local_tier_raises_ettr_where_failures_are_frequent():
+    # Llama 3's scale: 2,048 nodes, a failure every ~3 h, a 405B checkpoint at 100 GB/s (57 s)
+    one = R.plan_reliability(2048, 405e9)
+    two = R.plan_reliability(2048, 405e9, local_gbps=5.0, local_covers=0.9)
+    assert two.local_checkpoint_s == pytest.approx(405e9 * 14 / 2048 / 5e9)  # a node's share, 0.55 s
+    assert two.local_interval_s == pytest.approx(R.daly_interval(two.local_checkpoint_s, one.mtbf_h * 3600))
+    assert two.interval_s == pytest.approx(R.daly_interval(one.checkpoint_s, one.mtbf_h * 3600 / 0.1))
+    assert two.local_interval_s < one.interval_s < two.interval_s
+    assert two.ettr > one.ettr + 0.02
+    # the formula by hand, and with nothing covered it is the one-tier formula with a free extra
+    T, d, T_l, d_l, Rs, M, c = 3000.0, 60.0, 300.0, 1.0, 900.0, 10800.0, 0.9
+    by_hand = 1 / (1 + d / T + d_l / T_l + (Rs + c * (T_l + d_l) / 2 + (1 - c) * (T + d) / 2) / M)
+    assert R.ettr(T, d, Rs, M, T_l, d_l, c) == pytest.approx(by_hand)
+    assert R.ettr(T, d, Rs, M, T_l, 0.0, 0.0) == pytest.approx(R.ettr(T, d, Rs, M))
+    with pytest.raises(StratusError, match="--local-gbps must be positive"):
+        R.plan_reliability(8, 8e9, local_gbps=0)
+    with pytest.raises(StratusError, match="--local-covers"):
+        R.plan_reliability(8, 8e9, local_gbps=1, local_covers=1.0)
+
+
 def test_training_days_and_checkpoint_cost():
     assert R.training_days(86400 * 1e6, 1e6, 1.0) == pytest.approx(1.0)
     assert R.training_days(86400 * 1e6, 1e6, 0.5) == pytest.approx(2.0)

@@ -263,6 +263,22 @@ class CheckpointConfig(Section):
         "continue",
         description="a failed save (full disk, I/O error): continue with the previous checkpoint kept, or stop",
     )
+    local_dir: str = Field(
+        "",
+        description="the node-local tier: a directory on each node's own disk or /dev/shm where every rank saves its shards often, each also copied to a rank on the next node; recovery takes the newest tier that survives; empty = global checkpoints only",
+    )
+    local_interval: int = Field(
+        50,
+        ge=1,
+        description="steps between node-local saves (with checkpoint.every = auto, until a save's cost is measured)",
+    )
+    local_keep: int = Field(2, ge=1, description="node-local steps kept on each node")
+    local_covers: float = Field(
+        0.9,
+        ge=0.0,
+        lt=1.0,
+        description="with checkpoint.every = auto and a local tier: the share of failures the local tier recovers (a process, a rank, a node replaced at the same size); the global interval is chosen for the rest",
+    )
 
 
 class ReliabilityConfig(Section):

@@ -81,6 +81,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument(
         "--storage-gbps", type=float, default=100.0, help="checkpoint write bandwidth, GB/s (default 100)"
     )
+    g.add_argument(
+        "--local-gbps",
+        type=float,
+        help="plan a node-local checkpoint tier (checkpoint.local_dir) with this write bandwidth per "
+        "node, GB/s (a local NVMe, or /dev/shm); default: global checkpoints only",
+    )
+    g.add_argument(
+        "--local-covers",
+        type=float,
+        default=0.9,
+        help="with --local-gbps: the share of failures the local tier recovers (default 0.9)",
+    )
     g = sp.add_argument_group("a run stratus made")
     g.add_argument(
         "--from-run",
@@ -186,6 +198,8 @@ def build_plan(args: argparse.Namespace):
         mtbf_h=args.mtbf_hours,
         restart_min=args.restart_min,
         storage_gbps=args.storage_gbps,
+        local_gbps=args.local_gbps,
+        local_covers=args.local_covers,
     )
     rel = R.plan_reliability(cluster.nodes, params, **kw)
     table = R.ettr_table(cluster.nodes, params, **kw)

@@ -57,6 +57,13 @@ def config_text(plan, command: str) -> str:
     if plan.tokens:
         steps = math.ceil(plan.tokens / (plan.global_batch * m.seq_len))
     interval = max(1, round(plan.reliability.interval_s / best.step_time_s))
+    local, local_note = {}, []
+    if plan.reliability.local_interval_s is not None:
+        local = {"local_interval": max(1, round(plan.reliability.local_interval_s / best.step_time_s))}
+        local_note = [
+            f"# node-local tier every {local['local_interval']} steps: set checkpoint.local_dir to a "
+            "directory on each node's own disk to use it.",
+        ]
     sections: dict[str, dict[str, Any]] = {
         "model": {
             "n_layers": m.layers,
@@ -77,7 +84,7 @@ def config_text(plan, command: str) -> str:
             "dtype": "bfloat16",
         },
         "parallel": parallel_section(c),
-        "checkpoint": {"interval": interval},
+        "checkpoint": {"interval": interval, **local},
         "reliability": {"mtbf_hours": round(plan.reliability.mtbf_h, 2)},
     }
     header = [
@@ -87,6 +94,7 @@ def config_text(plan, command: str) -> str:
         f"{cl.gpu.hbm_gb:.1f}, MFU {best.mfu:.1%};",
         f"# checkpoint every {interval} steps ({plan.reliability.interval_s / 60:.1f} min: Young/Daly "
         f"at a job MTBF of {plan.reliability.mtbf_h:.1f} h).",
+        *local_note,
         f"#   stratus dryrun FILE --nodes {cl.nodes} --gpus-per-node {cl.gpus_per_node} --gpu {cl.gpu.key}",
         f"#   stratus launch slurm FILE --nodes {cl.nodes} --gpus-per-node {cl.gpus_per_node}",
         "# Set data.path, the learning rate and run.dir before launch.",

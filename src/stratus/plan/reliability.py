@@ -9,6 +9,16 @@ advances training is, to first order,
     ETTR = 1 / (1 + d/T + (R + (T + d)/2) / M)
 
 and T is set by Daly's higher-order optimum (Young's sqrt(2 d M) to first order).
+
+With a node-local tier (checkpoint.local_dir: each node writes its share to its own disk and
+copies it to a peer node, so the cost d_l is a node's share over the local bandwidth), a
+share c of the failures (a process, a rank, a node replaced at the same size) resumes from
+the local tier and loses half a local interval T_l; the rest lose half a global one:
+
+    ETTR = 1 / (1 + d/T + d_l/T_l + (R + c (T_l + d_l)/2 + (1 - c)(T + d)/2) / M)
+
+T_l is Daly's at MTBF M, and T at M / (1 - c): the global tier answers only the failures
+the local one cannot, which is the policy the trainer's checkpoint.every = auto follows.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from stratus.errors import StratusError
 DEFAULT_FAILURES_PER_1000_NODE_DAYS = 3.8
 DEFAULT_RESTART_MIN = 15.0  # detection + diagnosis < 10 min, back to pre-crash progress < 15 min
 DEFAULT_STORAGE_GBPS = 100.0  # aggregate write bandwidth of a parallel filesystem, GB/s
+DEFAULT_LOCAL_COVERS = 0.9  # share of failures the node-local tier recovers (checkpoint.local_covers)
 CHECKPOINT_BYTES_PER_PARAM = 14  # bf16 weights (2) + fp32 master copy (4) + Adam moments (8)
 VIABLE_ETTR = 0.5  # below this a run spends more time failing than training
 
@@ -35,6 +46,9 @@ class Reliability:
     interval_s: float
     restart_s: float
     ettr: float
+    local_checkpoint_s: float | None = None  # the node-local tier, when planned
+    local_interval_s: float | None = None
+    local_covers: float = 0.0
 
     @property
     def viable(self) -> bool:
@@ -53,8 +67,22 @@ def daly_interval(d: float, mtbf: float) -> float:
     return math.sqrt(2 * d * mtbf) * (1 + math.sqrt(x) / 3 + x / 9) - d
 
 
-def ettr(interval: float, d: float, restart: float, mtbf: float) -> float:
-    return 1.0 / (1.0 + d / interval + (restart + (interval + d) / 2) / mtbf)
+def ettr(
+    interval: float,
+    d: float,
+    restart: float,
+    mtbf: float,
+    local_interval: float | None = None,
+    local_d: float = 0.0,
+    covers: float = 0.0,
+) -> float:
+    """The share of wall-clock time that trains; with a local tier, the two-tier formula."""
+    saves = d / interval
+    lost = (interval + d) / 2
+    if local_interval is not None:
+        saves += local_d / local_interval
+        lost = covers * (local_interval + local_d) / 2 + (1 - covers) * lost
+    return 1.0 / (1.0 + saves + (restart + lost) / mtbf)
 
 
 def job_mtbf_s(nodes: int, failures_per_1000_node_days: float | None, mtbf_h: float | None) -> float:
@@ -86,12 +114,24 @@ def plan_reliability(
     mtbf_h: float | None = None,
     restart_min: float = DEFAULT_RESTART_MIN,
     storage_gbps: float = DEFAULT_STORAGE_GBPS,
+    local_gbps: float | None = None,
+    local_covers: float = DEFAULT_LOCAL_COVERS,
 ) -> Reliability:
+    """With local_gbps (a node's write bandwidth to its local tier), the two-tier plan."""
     mtbf = job_mtbf_s(nodes, failures_per_1000_node_days, mtbf_h)
     d = checkpoint_seconds(params, storage_gbps)
-    interval = daly_interval(d, mtbf)
     restart = restart_min * 60
-    return Reliability(nodes, mtbf / 3600, d, interval, restart, ettr(interval, d, restart, mtbf))
+    if local_gbps is None:
+        interval = daly_interval(d, mtbf)
+        return Reliability(nodes, mtbf / 3600, d, interval, restart, ettr(interval, d, restart, mtbf))
+    if local_gbps <= 0:
+        raise StratusError("--local-gbps must be positive")
+    if not 0 <= local_covers < 1:
+        raise StratusError("--local-covers is a share of failures: at least 0 and below 1")
+    d_local = checkpoint_seconds(params / nodes, local_gbps)  # each node writes its share at once
+    interval, local_interval = daly_interval(d, mtbf / (1 - local_covers)), daly_interval(d_local, mtbf)
+    value = ettr(interval, d, restart, mtbf, local_interval, d_local, local_covers)
+    return Reliability(nodes, mtbf / 3600, d, interval, restart, value, d_local, local_interval, local_covers)
 
 
 def training_days(tokens: float, tokens_per_s: float, ettr_value: float) -> float:
@@ -113,6 +153,8 @@ def ettr_table(
     mtbf_h: float | None = None,
     restart_min: float = DEFAULT_RESTART_MIN,
     storage_gbps: float = DEFAULT_STORAGE_GBPS,
+    local_gbps: float | None = None,
+    local_covers: float = DEFAULT_LOCAL_COVERS,
     max_nodes: int = 65536,
 ) -> list[Reliability]:
     """ETTR from 1 node to `max_nodes` in powers of two, plus this cluster's size. A fixed MTBF
@@ -123,7 +165,13 @@ def ettr_table(
         rate = 1000 * 24 / (mtbf_h * nodes_now)
     return [
         plan_reliability(
-            n, params, failures_per_1000_node_days=rate, restart_min=restart_min, storage_gbps=storage_gbps
+            n,
+            params,
+            failures_per_1000_node_days=rate,
+            restart_min=restart_min,
+            storage_gbps=storage_gbps,
+            local_gbps=local_gbps,
+            local_covers=local_covers,
         )
         for n in sizes
     ]

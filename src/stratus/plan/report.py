@@ -35,7 +35,16 @@ LAYOUT_KEYS = {
 }
 BREAKDOWN_KEYS = ("compute", "tp_comm", "pipeline_bubble", "pp_comm", "dp_comm", "optimizer")
 MEMORY_KEYS = ("weights", "grads", "optimizer", "activations", "temporaries", "allowance", "total")
-TOP_KEYS = ("model", "cluster", "layouts", "best", "training_days", "checkpoint_interval_min", "ettr")
+TOP_KEYS = (
+    "model",
+    "cluster",
+    "layouts",
+    "best",
+    "training_days",
+    "checkpoint_interval_min",
+    "local_checkpoint_interval_min",
+    "ettr",
+)
 
 
 @dataclass
@@ -68,6 +77,9 @@ def to_json(plan: Plan) -> dict[str, Any]:
         "best": layouts[0],
         "training_days": None if plan.training_days is None else round(plan.training_days, 3),
         "checkpoint_interval_min": round(plan.reliability.interval_s / 60, 2),
+        "local_checkpoint_interval_min": None
+        if plan.reliability.local_interval_s is None
+        else round(plan.reliability.local_interval_s / 60, 2),
         "ettr": round(plan.reliability.ettr, 4),
     }
 
@@ -121,6 +133,12 @@ def render(plan: Plan, console=None) -> None:
         f"failures: job MTBF {r.mtbf_h:.1f} h; checkpoint {r.checkpoint_s:.0f} s to write, every "
         f"{r.interval_s / 60:.0f} min (Daly); restart {r.restart_s / 60:.0f} min; ETTR {r.ettr:.1%}"
     )
+    if r.local_interval_s is not None:
+        console.print(
+            f"node-local tier: {r.local_checkpoint_s:.1f} s to write a node's share, every "
+            f"{r.local_interval_s / 60:.1f} min, recovering {r.local_covers:.0%} of failures; the global "
+            f"tier above answers the rest"
+        )
     if plan.training_days is not None and plan.tokens:
         console.print(
             f"[bold]{plan.tokens / 1e9:,.0f}B tokens: {plan.training_days:.1f} days[/] at "

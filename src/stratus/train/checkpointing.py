@@ -1,7 +1,8 @@
-"""The trainer's checkpointer: it decides when a save is due (the policy), holds the save in
-flight (async), commits it, and restores. Save-path faults are injected here, and every
-unit of progress in a save or a verification (a file checksummed) beats the watchdog at
-the checkpoint limit. (The verification at start-up runs under the start-up limit.)"""
+"""The trainer's checkpointer: it decides when a save is due (the policy of each tier), holds
+the save in flight (async), commits it, and restores from the newest tier that survives.
+Save-path faults are injected here, and every unit of progress in a save or a verification
+(a file checksummed) beats the watchdog at the checkpoint limit. (The verification at
+start-up runs under the start-up limit.)"""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+from stratus.checkpoint.local import newest_of_tiers
 from stratus.checkpoint.manager import Loaded, PendingSave, SaveError
 from stratus.checkpoint.policy import CheckpointPolicy
 from stratus.distributed import env as denv
@@ -34,7 +36,9 @@ class Checkpointer:
             goodput,
             metrics,
         )
-        self.policy = CheckpointPolicy(job.cfg.checkpoint, job.cfg.reliability.mtbf_hours)
+        cfg = job.cfg
+        self.policy, self.local_policy = CheckpointPolicy.tiers(cfg.checkpoint, cfg.reliability.mtbf_hours)
+        self.local_only = False  # what due() decided: a node-local save, no global one
         self.pending: PendingSave | None = None
         self.limit_s = job.cfg.reliability.checkpoint_timeout_s
         self.meta = {"config_hash": job.cfg.hash(), "model": job.cfg.model.model_dump()}
@@ -46,11 +50,18 @@ class Checkpointer:
         job.ckpt.progress = progress
 
     def due(self, step: int, logged: bool) -> bool:
-        if self.policy.interval_s() is not None:
+        """Whether a save of either tier is due at this step (a global one supersedes a local one)."""
+        global_due = self._due(self.policy, step, logged)
+        local_due = self.local_policy is not None and self._due(self.local_policy, step, logged)
+        self.local_only = local_due and not global_due
+        return global_due or local_due
+
+    def _due(self, policy: CheckpointPolicy, step: int, logged: bool) -> bool:
+        if policy.interval_s() is not None:
             # A time interval: one clock decides for every rank, asked on logged steps only
             # (a broadcast every step would stall each one).
-            return logged and denv.broadcast_object(self.job.env, self.policy.due(step))
-        return self.policy.due(step)  # a step rule, the same on every rank
+            return logged and denv.broadcast_object(self.job.env, policy.due(step))
+        return policy.due(step)  # a step rule, the same on every rank
 
     def maybe_save(self, step: int, state: dict, due: bool, final: bool, loss: float | None) -> float:
         """Save if `due` (what due() said of this step; always at the end of the run).
@@ -60,6 +71,8 @@ class Checkpointer:
             self.finish_pending(loss)
         if not (due or final):
             return 0.0
+        if self.local_only and not final:
+            return self._save_local(step, state, loss)
         started = time.perf_counter()
         self.finish_pending(loss)  # at most one save in flight
         self.watchdog.beat(limit_s=self.limit_s)
@@ -74,7 +87,11 @@ class Checkpointer:
         self.policy.saved(blocked)
         self.goodput.checkpoint(blocked)
         self.metrics.event(
-            "checkpoint", step, blocked_s=round(blocked, 3), background=self.pending is not None
+            "checkpoint",
+            step,
+            blocked_s=round(blocked, 3),
+            background=self.pending is not None,
+            tier="global",
         )
         log.info(
             "checkpoint of step %d: the loop blocked %.2fs%s",
@@ -82,6 +99,21 @@ class Checkpointer:
             blocked,
             " (writing in the background)" if self.pending is not None else "",
         )
+        return blocked
+
+    def _save_local(self, step: int, state: dict, loss: float | None) -> float:
+        """A node-local save: synchronous (it is a local write and one transfer to a peer)."""
+        job, started = self.job, time.perf_counter()
+        self.watchdog.beat(limit_s=self.limit_s)
+        try:
+            job.local.save(step, job.model, job.optimizer, state)
+        except OSError as e:
+            self._failed(SaveError(str(e)), step, loss)
+        blocked = time.perf_counter() - started
+        self.local_policy.saved(blocked)
+        self.goodput.checkpoint(blocked)
+        self.metrics.event("checkpoint", step, blocked_s=round(blocked, 3), tier="local")
+        log.info("node-local checkpoint of step %d: the loop blocked %.2fs", step, blocked)
         return blocked
 
     def finish_pending(self, loss: float | None = None) -> None:
@@ -102,12 +134,20 @@ class Checkpointer:
             _flip_a_byte(path)
 
     def newest(self, loss: float | None) -> tuple[int, Path] | None:
-        """Collective: the newest verified checkpoint, once nothing is in flight."""
+        """Collective: the newest verified checkpoint of either tier, once nothing is in flight."""
         self.finish_pending(loss)
-        return self.job.ckpt.find()
+        return newest_of_tiers(self.job.ckpt, self.job.local)
 
     def load(self, path: Path) -> Loaded:
-        return self.job.ckpt.load(path, self.job.model, self.job.optimizer)
+        """Restore from a checkpoint of either tier; local steps after it are dropped."""
+        job = self.job
+        if job.local is not None and job.local.holds(path):
+            loaded = job.local.load(path, job.model, job.optimizer)
+        else:
+            loaded = job.ckpt.load(path, job.model, job.optimizer)
+        if job.local is not None:
+            job.local.forget_after(loaded.step)
+        return loaded
 
     def _failed(self, error: SaveError, step: int, loss: float | None) -> None:
         self.metrics.write(step, {"loss": loss, "checkpoint_failed": str(error)})

@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import loss_parallel
 
 from stratus.atomic import copy_atomic, write_atomic
+from stratus.checkpoint.local import LocalTier, newest_of_tiers
 from stratus.checkpoint.manager import CheckpointManager, check_same_model
 from stratus.checkpoint.manifest import read_manifest as read_ckpt_manifest
 from stratus.config import Config, TrainConfig, to_toml
@@ -57,7 +58,8 @@ class Job:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ckpt: CheckpointManager
-    resume_from: Path | None  # the newest verified checkpoint, if any
+    local: LocalTier | None  # the node-local tier, if checkpoint.local_dir is set
+    resume_from: Path | None  # the newest verified checkpoint of either tier, if any
     global_batch: int
     accum: int
     dtype: torch.dtype
@@ -323,14 +325,21 @@ def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
     ckpt = CheckpointManager(
         Path(cfg.run.dir) / "checkpoints", env, cfg.checkpoint.keep, cfg.checkpoint.keep_every, async_group
     )
-    found = ckpt.find()
+    local = None
+    if cfg.checkpoint.local_dir:
+        cc = cfg.checkpoint
+        local = LocalTier(Path(cc.local_dir), env, layout.describe(), cfg.model.model_dump(), cc.local_keep)
+    found = newest_of_tiers(ckpt, local)
+    if local is not None and found is None:
+        local.forget_after(0)  # nothing to resume: whatever is there is from a future left behind
     if found and cfg.checkpoint.resume == "never":
         raise StratusError(
             f"{cfg.run.dir} already has a checkpoint ({found[1].name}) and checkpoint.resume is never: "
             "give a new run.dir, or --resume=auto to continue it"
         )
     if found:
-        check_same_model(read_ckpt_manifest(found[1])["model"], cfg.model.model_dump(), found[1])
+        if local is None or not local.holds(found[1]):  # the local tier matches the model itself
+            check_same_model(read_ckpt_manifest(found[1])["model"], cfg.model.model_dump(), found[1])
         _check_same_tokenizer(Path(cfg.run.dir), data_manifest)
 
     run = _prepare_run_dir(cfg, env, data_dir)
@@ -372,6 +381,7 @@ def build_job(cfg: Config, env: denv.DistEnv, layout: Layout) -> Job:
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, tc),
         ckpt=ckpt,
+        local=local,
         resume_from=found[1] if found else None,
         global_batch=global_batch,
         accum=accum,
