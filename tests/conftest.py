@@ -102,13 +102,15 @@ def torchrun_script(
     torchrun_args: tuple[str, ...] = (),
     env: dict | None = None,
     timeout: float = 300,
+    launcher: tuple[str, ...] = ("torch.distributed.run",),
 ) -> subprocess.CompletedProcess:
     """A Python script (or "-m", "module") on `nproc` real local ranks under torchrun (gloo),
-    one thread each, with no restarts unless torchrun_args ask for them."""
+    one thread each, with no restarts unless torchrun_args ask for them. launcher ("stratus",
+    "torchrun") runs them under stratus's restart policy instead."""
     cmd = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        *launcher,
         "--standalone",
         f"--nproc-per-node={nproc}",
         *torchrun_args,

@@ -1,5 +1,5 @@
 """`stratus launch`: the sbatch script and the PyTorchJob for 4 nodes x 8 GPUs, run for real where
-a CPU can (bash with stand-ins for scontrol, srun and torchrun), and write_launch's checks."""
+a CPU can (bash with stand-ins for scontrol, srun and `stratus torchrun`), and write_launch's checks."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def _exe(path: Path, text: str) -> None:
 
 @pytest.fixture
 def fake_bin(tmp_path: Path) -> Path:
-    """scontrol names two nodes; srun records its options and runs the command; torchrun records
-    the argv and environment it was given, as JSON in $FAKE_OUT."""
+    """scontrol names two nodes; srun records its options and runs the command; `stratus
+    torchrun` records the argv and environment torchrun was given, as JSON in $FAKE_OUT."""
     d = tmp_path / "bin"
     d.mkdir()
     _exe(
@@ -59,10 +59,11 @@ def fake_bin(tmp_path: Path) -> Path:
         'while [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"\n',
     )
     _exe(
-        d / "torchrun",
+        d / "stratus",
         f"#!{sys.executable}\nimport json, os, sys\n"
         f"names = {ENV_NAMES!r}\n"
-        "json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd(), 'env': {n: os.environ.get(n) for n in names}},"
+        "assert sys.argv[1] == 'torchrun', sys.argv\n"
+        "json.dump({'argv': sys.argv[2:], 'cwd': os.getcwd(), 'env': {n: os.environ.get(n) for n in names}},"
         " open(os.environ['FAKE_OUT'], 'w'))\n"
         "sys.exit(int(os.environ.get('FAKE_RC', '0')))\n",
     )
@@ -179,12 +180,15 @@ def test_sbatch_script_runs_torchrun_with_the_right_argv_and_environment(tmp_pat
 
 
 @needs_bash
-@pytest.mark.parametrize(("restarted", "requeued"), [(0, True), (2, True), (3, False)])
+@pytest.mark.parametrize(
+    ("restarted", "rc", "requeued"), [(0, 1, True), (2, 1, True), (3, 1, False), (0, 2, False), (0, 3, False)]
+)
 def test_an_elastic_sbatch_job_goes_on_without_a_node_and_requeues_a_failure(
-    tmp_path, fake_bin, restarted, requeued
+    tmp_path, fake_bin, restarted, rc, requeued
 ):
     """Three of four nodes are enough, one spare waits in the rendezvous; a job that fails
-    anyway goes back in the queue, up to --max-restarts times, and says why."""
+    anyway goes back in the queue, up to --max-restarts times, and says why. A user's mistake
+    (2) and a crash loop (3) would fail again: they are not requeued."""
     text = render_slurm("configs/x.toml", NODES, GPUS, min_nodes=3, spare_nodes=1, rejoin_timeout_s=45)
     assert "#SBATCH --nodes=5" in text.splitlines()  # the spare is in the allocation
     assert "4 node(s) x 8 GPUs and 1 spare(s), going on with as few as 3 node(s)" in text
@@ -201,17 +205,17 @@ def test_an_elastic_sbatch_job_goes_on_without_a_node_and_requeues_a_failure(
         "SLURM_RESTART_COUNT": str(restarted),
         "FAKE_OUT": str(tmp_path / "torchrun.json"),
         "FAKE_SRUN": str(tmp_path / "srun.txt"),
-        "FAKE_RC": "1",  # the agents gave up (the first node lost, or the restarts spent)
+        "FAKE_RC": str(rc),  # 1: the agents gave up (the first node lost, or the restarts spent)
     }
     r = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert r.returncode == 1  # the step's failure is the job's exit code
+    assert r.returncode == rc  # the step's failure is the job's exit code
     argv = json.loads((tmp_path / "torchrun.json").read_text())["argv"]
     assert argv[:2] == ["--nnodes", "3:4"]  # the spare waits: at most 4 nodes train
     assert argv[argv.index("--rdzv-conf") + 1] == "last_call_timeout=45"
     assert ((tmp_path / "requeued").is_file()) is requeued
     if requeued:
         assert (tmp_path / "requeued").read_text().strip() == "77"
-        assert "the job failed (exit 1); requeueing it" in r.stderr
+        assert f"the job failed (exit {rc}); requeueing it" in r.stderr
 
 
 @pytest.mark.parametrize(
@@ -248,6 +252,8 @@ def test_pytorchjob_has_one_master_and_the_other_nodes_as_workers():
     assert m["spec"]["nprocPerNode"] == "8"
     assert _pods(m)["Master"]["replicas"] == 1
     assert _pods(m)["Worker"]["replicas"] == 3
+    # a pod killed (128 + signal) is restarted; one that exited 2 (a mistake) or 3 (a crash loop) is not
+    assert {p["restartPolicy"] for p in _pods(m).values()} == {"ExitCode"}
     for role in ("Master", "Worker"):
         pod = _pods(m)[role]["template"]["spec"]
         (c,) = pod["containers"]

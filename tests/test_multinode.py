@@ -152,13 +152,17 @@ def _tail(path: Path, n: int = 4000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else "(no output)"
 
 
-def _start_agent(node: Node, host: Node, agent: list[str], train: list[str], out: Path) -> subprocess.Popen:
-    """A node's torchrun agent with one worker, meeting the others through a c10d rendezvous
-    whose store node `host` holds; its output goes to `out`."""
+def _start_agent(
+    node: Node, host: Node, agent: list[str], train: list[str], out: Path, env_extra: dict | None = None
+) -> subprocess.Popen:
+    """A node's agent (`stratus torchrun`, as `stratus launch` writes it) with one worker,
+    meeting the others through a c10d rendezvous whose store node `host` holds; its output
+    goes to `out`."""
     torchrun = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "stratus",
+        "torchrun",
         *agent,
         "--nproc-per-node=1",
         "--rdzv-backend=c10d",
@@ -180,6 +184,7 @@ def _start_agent(node: Node, host: Node, agent: list[str], train: list[str], out
         "GLOO_SOCKET_IFNAME": node.ifname,
         # as `stratus launch` sets it: a fresh store each round, hosted by rank 0
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        **(env_extra or {}),
     }
     with out.open("w") as f:
         return subprocess.Popen(
@@ -298,6 +303,22 @@ def _wait_for_checkpoint(
     return max(_last_per_step(run), default=0)
 
 
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is pid (an agent's workers)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _wait_for_text(out: Path, text: str, procs: list[subprocess.Popen], deadline: float) -> None:
+    while text not in (out.read_text(errors="replace") if out.exists() else ""):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), _tail(out)
+        time.sleep(0.05)
+
+
 def _follows(run: Path, reference: Path) -> None:
     ref, got = _last_per_step(reference), _last_per_step(run)
     assert sorted(got) == list(range(1, ELASTIC_STEPS + 1))
@@ -332,6 +353,9 @@ def test_a_lost_node_leaves_the_job_to_the_other(two_nodes, elastic, tmp_path: P
     log = (run / "train.log").read_text()
     assert re.search(BOTH, log) and re.search(ALONE, log), _tail(run / "train.log")
     assert log.index("1 ranks (") > log.index("2 ranks (")  # it shrank, in that order
+    # node 0's agent saw its rank fail (its peer gone) and recorded it before restarting it
+    restarts = [json.loads(x) for x in (run / "restarts.jsonl").read_text().splitlines()]
+    assert restarts and all(r["ranks"] == [0] and r["resume_step"] >= 4 for r in restarts), restarts
     _follows(run, reference)
 
 
@@ -345,11 +369,21 @@ def test_a_node_that_joins_late_grows_the_job(two_nodes, elastic, tmp_path: Path
     outs = [tmp_path / f"node{i}.out" for i in range(2)]
     agent, train = ["--nnodes=1:2", "--max-restarts=2"], [*train, f"--run.dir={run}"]
     procs: list[subprocess.Popen] = []
+    verbose = {"LOGLEVEL": "INFO"}  # the agents say when they join and when they see a node join
     try:
-        procs.append(_start_agent(two_nodes[0], two_nodes[0], agent, train, outs[0]))
+        procs.append(_start_agent(two_nodes[0], two_nodes[0], agent, train, outs[0], verbose))
         deadline = time.monotonic() + TIMEOUT_S
         joined_at = _wait_for_checkpoint(run, 4, procs, outs[0], deadline)
-        procs.append(_start_agent(two_nodes[1], two_nodes[0], agent, train, outs[1]))
+        # Node 0's rank is held (SIGSTOP) until its agent sees node 1 waiting: a node that
+        # trains faster than the other starts must not finish alone before it arrives.
+        held = _children(procs[0].pid)
+        assert held, "node 0's worker was not found"
+        for pid in held:
+            os.kill(pid, signal.SIGSTOP)
+        procs.append(_start_agent(two_nodes[1], two_nodes[0], agent, train, outs[1], verbose))
+        _wait_for_text(outs[0], "new nodes from group_rank", procs, deadline)
+        for pid in held:
+            os.kill(pid, signal.SIGCONT)
         codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
     finally:
         _stop(procs)
@@ -359,4 +393,5 @@ def test_a_node_that_joins_late_grows_the_job(two_nodes, elastic, tmp_path: Path
     log = (run / "train.log").read_text()
     assert re.search(ALONE, log) and re.search(BOTH, log), _tail(run / "train.log")
     assert log.index("2 ranks (") > log.index("1 ranks (")  # it grew, in that order
+    assert not (run / "restarts.jsonl").exists()  # a node that joins is no failure
     _follows(run, reference)

@@ -37,10 +37,17 @@ def stratus(
     *args: str, faults: str = "", nproc: int = 1, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STRATUS_FAULTS": faults}
-    if nproc > 1:
+    if nproc > 1:  # under `stratus torchrun`, as `stratus launch` runs a job
         restarts = ("--max-restarts=10",)
         return torchrun_script(
-            "-m", "stratus", *args, nproc=nproc, torchrun_args=restarts, env=env, timeout=timeout
+            "-m",
+            "stratus",
+            *args,
+            nproc=nproc,
+            torchrun_args=restarts,
+            env=env,
+            timeout=timeout,
+            launcher=("stratus", "torchrun"),
         )
     cmd = [sys.executable, "-m", "stratus", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
@@ -99,6 +106,10 @@ def test_sigkill_two_ranks_fsdp_resumes_bit_identical(layout, reference, tiny_da
     assert r.returncode == 0, r.stderr[-3000:]
     two = curve(run)
     assert sorted(two) == list(range(1, STEPS + 1))
+    restarts = [json.loads(x) for x in (run / "restarts.jsonl").read_text().splitlines()]
+    assert [(r["first_rank"], r["failure"]) for r in restarts] == [
+        (k, "killed by SIGKILL") for k in (1, 0, 1)
+    ]
     # 2 ranks reduce in another order than 1 process: the same to fp32 rounding, and the
     # resumed run equals the uninterrupted 2-rank run bit for bit
     whole = tmp_path / "whole"

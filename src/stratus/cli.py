@@ -97,8 +97,15 @@ def cmd_train(args, overrides):
     if max_restarts and "RANK" not in os.environ and "STRATUS_SUPERVISED" not in os.environ:
         from stratus.reliability.supervisor import supervise
 
-        rc = cfg.reliability
-        return supervise(args.argv, Path(cfg.run.dir), max_restarts, rc.crash_loop, rc.hang_timeout_s)
+        rc, local = cfg.reliability, cfg.checkpoint.local_dir
+        return supervise(
+            args.argv,
+            Path(cfg.run.dir),
+            max_restarts,
+            rc.crash_loop,
+            rc.hang_timeout_s,
+            Path(local) if local else None,
+        )
     from stratus.errors import RunStopped
     from stratus.train.loop import train
 
@@ -402,9 +409,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-restarts",
         type=int,
         help="restart a failed run up to N times, each from the newest verified "
-        "checkpoint (one process; under torchrun use torchrun's own --max-restarts)",
+        "checkpoint (one process; under torchrun, `stratus torchrun --max-restarts N`)",
     )
     sp.set_defaults(func=cmd_train, overrides=True)
+
+    verbs.add_parser(
+        "torchrun",
+        add_help=False,
+        help="torchrun with stratus's restart policy on each node: `stratus torchrun [torchrun's "
+        "arguments] -m stratus train CONFIG` (no restart of a user's mistake, a crash-loop stop, "
+        "RUN/restarts.jsonl)",
+    )
 
     sp = verbs.add_parser("config", help="config tools: `config show` prints the resolved config")
     cv = sp.add_subparsers(dest="config_verb", required=True, metavar="ACTION")
@@ -581,6 +596,10 @@ def main(argv: list[str] | None = None) -> int:
     if old:
         print(f"stratus: error: {old}", file=sys.stderr)
         return 2
+    if argv[:1] == ["torchrun"]:  # torchrun's own arguments follow: not for this parser
+        from stratus.reliability.agent import main as torchrun
+
+        return torchrun(argv[1:])
     plain, overrides = _split_overrides(argv)
     parser = build_parser()
     args = parser.parse_args(plain)

@@ -1,8 +1,9 @@
 """Job files for a GPU cluster: an sbatch script (Slurm) or a Kubeflow PyTorchJob (Kubernetes).
 
-Both run `torchrun -m stratus train CONFIG` on every node with a c10d rendezvous on the first
-node, and set the environment that matters on 8-GPU nodes joined by InfiniBand, each variable
-with the reason it is there. Rendering is pure text; `write_launch` checks the inputs and the
+Both run `stratus torchrun -m stratus train CONFIG` (torchrun with stratus's restart policy,
+reliability/agent.py) on every node with a c10d rendezvous on the first node, and set the
+environment that matters on 8-GPU nodes joined by InfiniBand, each variable with the reason
+it is there. Rendering is pure text; `write_launch` checks the inputs and the
 config first and writes the file atomically. docs/cluster.md walks through using them.
 """
 
@@ -192,22 +193,25 @@ def render_slurm(
         'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         'mkdir -p "$(dirname "$TORCH_NCCL_DEBUG_INFO_TEMP_FILE")"',
         "",
-        "# One torchrun agent per node starts the node's ranks; it restarts all of them (each",
-        "# run resumes from the newest verified checkpoint) up to --max-restarts times. A lost node:",
+        "# One agent per node (torchrun, with stratus's policy) starts the node's ranks; it restarts",
+        "# all of them (each run resumes from the newest verified checkpoint) up to --max-restarts",
+        "# times, but not a user's mistake (exit 2) or a crash loop (exit 3). A lost node:",
         "# the allocation stays (--no-kill), the step goes on (no kill on one task's exit), and the",
         f"# agents meet again with at least {low} node(s) (--nnodes MIN:MAX), waiting",
         f"# {rejoin_timeout_s:g} s for more; nodes past {nodes} wait in the rendezvous as spares.",
         "# srun passes --cpus-per-task itself: some Slurm versions do not hand it down to the step.",
         "rc=0",
         'srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --no-kill --kill-on-bad-exit=0 \\',
-        f"  torchrun --nnodes {low}:{nodes} --nproc-per-node {gpus_per_node} \\",
+        f"  stratus torchrun --nnodes {low}:{nodes} --nproc-per-node {gpus_per_node} \\",
         f'  --rdzv-backend c10d --rdzv-endpoint "$HEAD:{rdzv_port}" --rdzv-id "$SLURM_JOB_ID" \\',
         f"  --rdzv-conf {_rdzv_conf(rejoin_timeout_s)} --max-restarts {max_restarts} \\",
         "  " + " ".join(shlex.quote(a) for a in _train_args(config, overrides)) + " || rc=$?",
         "",
         "# Failed anyway (the first node, which holds the rendezvous, was lost, or the restarts ran",
         "# out): back in the queue, on whatever nodes Slurm gives, resuming from the newest checkpoint.",
-        f'if [ "$rc" -ne 0 ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_restarts} ]; then',
+        "# Not a user's mistake (2) or a crash loop (3): those would fail the same way again.",
+        'case "$rc" in 0|2|3) requeue=no ;; *) requeue=yes ;; esac',
+        f'if [ "$requeue" = yes ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_restarts} ]; then',
         '  echo "stratus: the job failed (exit $rc); requeueing it" >&2',
         '  scontrol requeue "$SLURM_JOB_ID"',
         "fi",
@@ -257,6 +261,7 @@ def k8s_manifest(
     dump_prefix = f"{workdir}/logs/flight-recorder/{job_name}/rank_"
     env = nccl_env(ib_hca, socket_ifname, max(1, cpus // gpus_per_node), dump_prefix)
     torchrun = [
+        "stratus",
         "torchrun",
         f"--nnodes={low}:{nodes}",
         f"--nproc-per-node={gpus_per_node}",
@@ -297,9 +302,11 @@ def k8s_manifest(
             ],
         }
     }
-    replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": pod}}
+    # ExitCode: the operator restarts a pod whose agent was killed (128 + signal), and not one
+    # that exited 1-127 (2 a user's mistake, 3 a crash loop, 1 torchrun's restarts spent)
+    replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": pod}}
     if nodes > 1:
-        replicas["Worker"] = {"replicas": nodes - 1, "restartPolicy": "OnFailure", "template": pod}
+        replicas["Worker"] = {"replicas": nodes - 1, "restartPolicy": "ExitCode", "template": pod}
     manifest = {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",

@@ -32,8 +32,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from stratus.atomic import atomic_file, write_json_atomic
-from stratus.checkpoint.manager import FLAT, CheckpointManager, Loaded, list_checkpoints, step_name
+from stratus.checkpoint.manager import FLAT, CheckpointManager, Loaded
 from stratus.checkpoint.rng import get_rng_state, set_rng_state
+from stratus.checkpoint.steps import list_checkpoints, step_name
 from stratus.data.manifest import sha256_file
 from stratus.distributed.env import DistEnv, all_ranks_true
 

@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 from stratus.atomic import write_atomic, write_json_atomic
 from stratus.checkpoint import manifest as mf
 from stratus.checkpoint.rng import get_rng_state, set_rng_state
+from stratus.checkpoint.steps import list_checkpoints, step_name
 from stratus.distributed.env import DistEnv, all_ranks_true, barrier, broadcast_object, gather_object
 from stratus.errors import StratusError
 
@@ -47,19 +47,6 @@ log = logging.getLogger("stratus.checkpoint")
 # save through the same stager fails (torch issue 183413, fixed for 2.13): there each save
 # gets a stager of its own, and the reuse of staging memory is lost on those versions only.
 STAGER_REUSABLE = not (2, 11) <= tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13)
-STEP_DIR = re.compile(r"^step-(\d{8,})$")
-
-
-def step_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every step-… directory, newest first (not verified)."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
-    return sorted(found, reverse=True)
 
 
 def newest_verified(root: Path, checksums: bool = True) -> tuple[int, Path] | None:
