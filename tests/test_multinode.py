@@ -1,6 +1,8 @@
 """Two nodes for real: two network namespaces joined by a veth pair, each running its own
-`torchrun --nnodes 2` (c10d rendezvous, gloo over the veth), training one job whose losses
-must equal those of one process reading the whole global batch.
+agent (`torchrun --nnodes 2`, or `stratus torchrun` as `stratus launch` writes it; c10d
+rendezvous, gloo over the veth), training one job whose losses must equal those of one
+process reading the whole global batch: whole, after a node is lost, after one joins, and
+after a node's link is cut.
 
 Needs root, iproute2 (`ip`) and permission to create network namespaces; skipped otherwise.
 All traffic stays on the private /24 between the two namespaces this test creates (they have
@@ -394,4 +396,48 @@ def test_a_node_that_joins_late_grows_the_job(two_nodes, elastic, tmp_path: Path
     assert re.search(ALONE, log) and re.search(BOTH, log), _tail(run / "train.log")
     assert log.index("2 ranks (") > log.index("1 ranks (")  # it grew, in that order
     assert not (run / "restarts.jsonl").exists()  # a node that joins is no failure
+    _follows(run, reference)
+
+
+def test_a_cut_link_is_detected_and_the_job_recovers(two_nodes, elastic, tmp_path: Path):
+    """Node 1's link goes down mid-run (`ip link set … down`) for longer than the hang timeout:
+    neither rank hears from the other, their watchdogs end them (exit 4), and the agents record
+    the hang and meet again, node 1's once its link is back. The job, two nodes throughout
+    (--nnodes 2:2), finishes and follows one process's losses."""
+    train, reference = elastic
+    run = tmp_path / "cut"
+    outs = [tmp_path / f"node{i}.out" for i in range(2)]
+    agent = ["--nnodes=2:2", "--max-restarts=3"]
+    train = [
+        *train,
+        f"--run.dir={run}",
+        "--reliability.hang_timeout_s=5",
+        "--reliability.startup_timeout_s=60",
+    ]
+    node1 = two_nodes[1]
+    procs: list[subprocess.Popen] = []
+    try:
+        for node, out in zip(two_nodes, outs, strict=True):
+            procs.append(_start_agent(node, two_nodes[0], agent, train, out))
+        deadline = time.monotonic() + TIMEOUT_S
+        cut_at = _wait_for_checkpoint(run, 4, procs, outs[0], deadline)
+        assert _ip("-n", node1.netns, "link", "set", node1.ifname, "down").returncode == 0
+        cut = time.monotonic()
+        # the cut is over once a watchdog has ended a rank for it (its agent records the hang)
+        while "hang (watchdog)" not in (
+            (run / "restarts.jsonl").read_text() if (run / "restarts.jsonl").exists() else ""
+        ):
+            assert time.monotonic() < deadline, _tail(outs[0]) + _tail(outs[1])
+            time.sleep(0.1)
+        down_s = time.monotonic() - cut
+        assert _ip("-n", node1.netns, "link", "set", node1.ifname, "up").returncode == 0
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    finally:
+        _ip("-n", node1.netns, "link", "set", node1.ifname, "up")
+        _stop(procs)
+    logs = "\n".join(f"--- node {i} ---\n{_tail(out)}" for i, out in enumerate(outs))
+    assert codes == [0, 0], logs
+    assert cut_at < ELASTIC_STEPS and down_s > 5, (cut_at, down_s)
+    restarts = [json.loads(x) for x in (run / "restarts.jsonl").read_text().splitlines()]
+    assert any(r["failure"] == "hang (watchdog)" for r in restarts), restarts
     _follows(run, reference)
