@@ -36,14 +36,20 @@ def agent(data: Path, run: Path, *extra: str, faults: str = "") -> subprocess.Co
 
 def test_a_crash_loop_stops_the_node_with_a_diagnosis(tiny_data: Path, tmp_path: Path):
     """Rank 1 dies at step 3 every time, so no start gets past the checkpoint of step 2:
-    after reliability.crash_loop (3) failures the agent stops with exit 3, with 7 of its 10
-    restarts unspent."""
+    after reliability.crash_loop (2 here) failures the agent stops with exit 3, with 8 of its
+    10 restarts unspent."""
     run = tmp_path / "run"
-    r = agent(tiny_data, run, "--parallel.dp_shard=2", faults="kill@step=3:rank=1:times=10")
+    r = agent(
+        tiny_data,
+        run,
+        "--parallel.dp_shard=2",
+        "--reliability.crash_loop=2",
+        faults="kill@step=3:rank=1:times=10",
+    )
     assert r.returncode == 3, r.stderr[-3000:]
     assert "crash loop: the run failed on " in r.stderr and "checkpoint of step 2" in r.stderr
     restarts = [json.loads(x) for x in (run / "restarts.jsonl").read_text().splitlines()]
-    assert len(restarts) == 3
+    assert len(restarts) == 2
     assert all(
         (x["resume_step"], x["first_rank"], x["failure"], x["node"])
         == (2, 1, "killed by SIGKILL", node_name())

@@ -19,7 +19,7 @@ from stratus.checkpoint.manager import list_checkpoints, newest_verified
 from stratus.checkpoint.manifest import verify
 from stratus.errors import StratusError
 from stratus.reliability.faults import Fault, parse_faults
-from tests.conftest import ROOT, TINY_ARGS, free_port, metrics, torchrun_script
+from tests.conftest import ROOT, TINY_ARGS, curve, free_port, metrics, torchrun_script
 
 TINY = [
     *TINY_ARGS,
@@ -55,11 +55,6 @@ def stratus(
 
 def train_args(data: Path, run: Path, *extra: str) -> list[str]:
     return ["train", f"--data.path={data}", f"--run.dir={run}", *TINY, f"--train.steps={STEPS}", *extra]
-
-
-def curve(run: Path) -> dict[int, tuple]:
-    """Step -> (loss, grad_norm), the last line for each step (a restart redoes some steps)."""
-    return {r["step"]: (r["loss"], r.get("grad_norm")) for r in metrics(run) if "grad_norm" in r}
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +94,9 @@ def test_sigkill_at_random_steps_one_rank_resumes_bit_identical(reference, tiny_
 
 
 @pytest.mark.parametrize("layout", ["--parallel.dp_shard=2", "--parallel.pp=2"], ids=["fsdp", "pp"])
-def test_sigkill_two_ranks_fsdp_resumes_bit_identical(layout, reference, tiny_data: Path, tmp_path: Path):
+def test_sigkill_two_ranks_fsdp_resumes_bit_identical(
+    layout, reference, tiny_data: Path, tmp_path: Path, request
+):
     faults = "kill@step=3:rank=1,kill@step=6:rank=0,kill@step=9:rank=1"
     run = tmp_path / "run"
     r = stratus(*train_args(tiny_data, run, layout, "--train.micro_batch=4"), faults=faults, nproc=2)
@@ -112,10 +109,13 @@ def test_sigkill_two_ranks_fsdp_resumes_bit_identical(layout, reference, tiny_da
     ]
     # 2 ranks reduce in another order than 1 process: the same to fp32 rounding, and the
     # resumed run equals the uninterrupted 2-rank run bit for bit
-    whole = tmp_path / "whole"
-    r = stratus(*train_args(tiny_data, whole, layout, "--train.micro_batch=4"), nproc=2)
-    assert r.returncode == 0
-    assert two == curve(whole)
+    if layout == "--parallel.dp_shard=2":
+        whole = request.getfixturevalue("two_rank_curve")  # the same run, shared with other tests
+    else:
+        r = stratus(*train_args(tiny_data, tmp_path / "whole", layout, "--train.micro_batch=4"), nproc=2)
+        assert r.returncode == 0
+        whole = curve(tmp_path / "whole")
+    assert two == whole
     for step, (loss, _) in reference.items():
         assert two[step][0] == pytest.approx(loss, rel=1e-4)
 
@@ -212,7 +212,8 @@ def test_sigstop_one_rank_watchdog_fires_and_the_job_recovers(tiny_data: Path, t
         [
             sys.executable,
             "-m",
-            "torch.distributed.run",
+            "stratus",
+            "torchrun",
             "--standalone",
             "--nproc-per-node=2",
             "--max-restarts=3",

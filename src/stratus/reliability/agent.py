@@ -10,7 +10,9 @@ applied to the failures of this node's ranks:
   agent exits with that code (so `stratus launch`'s sbatch script does not requeue it);
 - a crash loop, reliability.crash_loop failures in a row with no newer checkpoint of either tier,
   stops the node with exit 3 and a diagnosis;
-- each failure is a line of RUN/restarts.jsonl with the node's name and the failed ranks.
+- each failure is a line of RUN/restarts.jsonl with the node's name and the failed ranks;
+- a rank that does not stop within 5 s of SIGTERM, once another has failed or before a
+  restart, is killed (torchrun waits 30 s): a stopped or stuck rank delays the restart less.
 When a node's agent stops, it closes the rendezvous, and the other nodes' agents stop too.
 
 A node's view is its own ranks: when rank 5 on another node fails, this node's ranks usually
@@ -25,6 +27,8 @@ from pathlib import Path
 
 from stratus.errors import StratusError
 from stratus.reliability.supervisor import RestartPolicy, describe, node_name
+
+STOP_GRACE_S = 5  # torchrun's is 30
 
 
 def _policy(script_args: list[str], max_restarts: int) -> RestartPolicy | None:
@@ -80,6 +84,21 @@ def main(argv: list[str]) -> int:
                     verdict.append(stop)
                     self._remaining_restarts = 0  # torchrun then ends instead of restarting
             return result
+
+        def _start_workers(self, worker_group):
+            # torchrun stops the ranks left when one fails, and before each restart, with SIGTERM,
+            # then waits 30 s before SIGKILL. A stratus rank has nothing to flush on SIGTERM; one
+            # that outlives it is stuck (stopped, or in the kernel), and the restart waits on it.
+            # This node's process context gives it STOP_GRACE_S instead.
+            started = super()._start_workers(worker_group)
+            context = self._pcontext
+            close = type(context).close
+
+            def close_sooner(death_sig=None, timeout=STOP_GRACE_S):
+                return close(context, death_sig, min(timeout, STOP_GRACE_S))
+
+            context.close = close_sooner
+            return started
 
     # launch_agent builds its agent from this module's name for the class: ours takes its place
     # for this process only (torch has no hook for a restart policy)
