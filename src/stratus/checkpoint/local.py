@@ -178,27 +178,28 @@ class LocalTier:
         out: dict[int, list[int]] = {}
         for step, step_dir in list_checkpoints(self.root)[: self.keep + 1]:
             for meta_path in sorted(step_dir.glob("rank-*.json")):
-                problem = self._problem(meta_path)
+                rank, problem = self._verify(meta_path)
                 if problem is None:
-                    out.setdefault(step, []).append(json.loads(meta_path.read_text())["rank"])
+                    out.setdefault(step, []).append(rank)
                 else:
                     log.warning("local checkpoint %s is unusable: %s", meta_path.with_suffix(".pt"), problem)
         return out
 
-    def _problem(self, meta_path: Path) -> str | None:
+    def _verify(self, meta_path: Path) -> tuple[int, str | None]:
+        """The rank a file holds, and what is wrong with it (None: whole, and of this job)."""
         blob = meta_path.with_suffix(".pt")
         try:
             meta = json.loads(meta_path.read_text())
             for key, value in self.identity.items():
                 if meta.get(key) != value:
-                    return f"saved with {key} {meta.get(key)!r}, this job has {value!r}"
+                    return -1, f"saved with {key} {meta.get(key)!r}, this job has {value!r}"
             if blob.stat().st_size != meta["bytes"]:
-                return f"{blob.stat().st_size} bytes, its sidecar says {meta['bytes']}"
+                return -1, f"{blob.stat().st_size} bytes, its sidecar says {meta['bytes']}"
             if sha256_file(blob) != meta["sha256"]:
-                return "does not match its sha256"
+                return -1, "does not match its sha256"
+            return int(meta["rank"]), None
         except (OSError, ValueError, KeyError) as e:
-            return f"cannot be read ({e})"
-        return None
+            return -1, f"cannot be read ({e})"
 
     def _fetch(self, step: int, holder: dict[int, int]) -> bool:
         """Each rank whose own file is elsewhere receives it from its holder, in rank order
