@@ -143,11 +143,11 @@ class LocalTier:
 
     # --- recovery --------------------------------------------------------------------------
 
-    def find(self) -> tuple[int, Path] | None:
-        """Collective: the newest step whose every rank's file is on some node, verified and
-        of this job's world and layout; each rank then holds its own file of it (fetched from
-        the node that has it). None when no step is complete."""
-        mine = self._inventory()
+    def find(self, after: int = 0) -> tuple[int, Path] | None:
+        """Collective: the newest step after `after` whose every rank's file is on some node,
+        verified and of this job's world and layout; each rank then holds its own file of it
+        (fetched from the node that has it). None when no such step is complete."""
+        mine = self._inventory(after)
         everyone: list = [None] * self.env.world_size
         if self.env.distributed:
             dist.all_gather_object(everyone, mine, group=self.group)
@@ -173,10 +173,13 @@ class LocalTier:
                 return step, self.root / step_name(step)
         return None
 
-    def _inventory(self) -> dict[int, list[int]]:
-        """{step: ranks} of the verified files in this node's directory that fit this job."""
+    def _inventory(self, after: int) -> dict[int, list[int]]:
+        """{step: ranks} of the verified files in this node's directory that fit this job, of
+        the steps after `after` (older ones cannot be the newest: they are not read)."""
         out: dict[int, list[int]] = {}
         for step, step_dir in list_checkpoints(self.root)[: self.keep + 1]:
+            if step <= after:
+                break
             for meta_path in sorted(step_dir.glob("rank-*.json")):
                 rank, problem = self._verify(meta_path)
                 if problem is None:
@@ -237,12 +240,10 @@ class LocalTier:
 
 def newest_of_tiers(ckpt: CheckpointManager, local: LocalTier | None) -> tuple[int, Path] | None:
     """Collective: the newer of the newest global checkpoint and the newest complete local
-    step (the global one on a tie: it is verified against its manifest by every rank)."""
+    step (the global one on a tie); local files no newer than the global step are not read."""
     found = ckpt.find()
-    local_found = local.find() if local is not None else None
-    if local_found is not None and (found is None or local_found[0] > found[0]):
-        return local_found
-    return found
+    local_found = local.find(after=found[0] if found else 0) if local is not None else None
+    return local_found if local_found is not None else found
 
 
 def _local(sd: dict[str, Any]) -> dict[str, Any]:

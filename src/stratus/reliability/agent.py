@@ -22,11 +22,12 @@ Run with a worker other than `stratus train`, this is torchrun unchanged.
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
 from stratus.errors import StratusError
-from stratus.reliability.supervisor import RestartPolicy, describe, node_name
+from stratus.reliability.supervisor import RestartPolicy, describe
 
 STOP_GRACE_S = 5  # torchrun's is 30
 
@@ -42,10 +43,12 @@ def _policy(script_args: list[str], max_restarts: int) -> RestartPolicy | None:
     args = build_parser().parse_args(plain)
     cfg = _config(args, overrides)
     local = cfg.checkpoint.local_dir
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     return RestartPolicy(
-        run_dir, max_restarts, cfg.reliability.crash_loop, Path(local) if local else None, node_name()
+        Path(cfg.run.dir),
+        max_restarts,
+        cfg.reliability.crash_loop,
+        Path(local) if local else None,
+        socket.gethostname(),
     )
 
 

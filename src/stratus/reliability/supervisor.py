@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -55,6 +54,7 @@ class RestartPolicy:
         node: str | None = None,
     ):
         self.run_dir, self.max_restarts, self.crash_loop = run_dir, max_restarts, crash_loop
+        run_dir.mkdir(parents=True, exist_ok=True)  # a failure can come before the run makes it
         self.local_dir, self.node = local_dir, node
         self.failures: list[int] = []  # the checkpoint step each failure left behind
         self.started = time.time()
@@ -112,10 +112,6 @@ def _append_line(path: Path, line: str) -> None:
         os.close(fd)
 
 
-def node_name() -> str:
-    return socket.gethostname()
-
-
 def supervise(
     argv: list[str],
     run_dir: Path,
@@ -124,10 +120,9 @@ def supervise(
     hang_timeout_s: float,
     local_dir: Path | None = None,
 ) -> int:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    policy = RestartPolicy(run_dir, max_restarts, crash_loop, local_dir)
     heartbeat = run_dir / ".heartbeat"
     env = {**os.environ, "STRATUS_SUPERVISED": "1", "STRATUS_HEARTBEAT": str(heartbeat)}
-    policy = RestartPolicy(run_dir, max_restarts, crash_loop, local_dir)
     while True:
         started = time.time()
         child = subprocess.Popen([sys.executable, "-m", "stratus", *argv], env=env)
